@@ -1,0 +1,7 @@
+"""entropy-pipeline: how a training step changed a language model's entropy.
+
+The package follows the data flow: ``prompts`` → ``sample`` → ``score`` →
+``stats`` → ``report``, with ``run`` chaining the stages and ``cli`` as a thin shell.
+"""
+
+__version__ = "0.1.0"

