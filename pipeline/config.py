@@ -27,6 +27,8 @@ class _Closed(BaseModel):
 
 
 class PromptsConfig(_Closed):
+    """Where the prompts come from."""
+
     path: Path = Field(
         description="JSONL or Parquet file of prompts: each record has `text` or chat "
         "`messages`, and optionally a stable `id` (else a hash of the prompt is used). "
@@ -38,6 +40,8 @@ class PromptsConfig(_Closed):
 
 
 class ModelConfig(_Closed):
+    """One model of the run."""
+
     path: Path = Field(
         description="Local Hugging Face model directory (config, weights, tokenizer). "
         "A relative path is taken from the config file's folder."
@@ -101,6 +105,8 @@ class SamplingConfig(_Closed):
 
 
 class EngineConfig(_Closed):
+    """vLLM engine settings shared by sampling and scoring."""
+
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
         description="Precision of sampling and scoring. float32 is the default because "
@@ -137,6 +143,8 @@ class EngineConfig(_Closed):
 
 
 class EntropyConfig(_Closed):
+    """Statistics options; `entropy-pipeline stats` may change them after a run."""
+
     unit: Literal["sequence", "per_token"] = Field(
         default="sequence",
         description="sequence: entropy of whole completions (nats/sequence); per_token: "
@@ -158,8 +166,7 @@ class RunConfig(_Closed):
 
     seed: Annotated[int, Field(ge=0)] = Field(
         default=0,
-        description="Run seed: each prompt's sampling seed is a hash of it and the "
-        "prompt id.",
+        description="Run seed: each prompt's sampling seed is a hash of it and the prompt id.",
     )
     prompts: PromptsConfig
     models: dict[str, ModelConfig] = Field(
@@ -188,8 +195,7 @@ class RunConfig(_Closed):
         for name in self.models:
             if not name or "/" in name or name.startswith("."):
                 raise ValueError(
-                    f"model name {name!r} cannot name a folder; use letters, digits, "
-                    "'-' and '_'."
+                    f"model name {name!r} cannot name a folder; use letters, digits, '-' and '_'."
                 )
         return self
 
@@ -200,14 +206,13 @@ class RunConfig(_Closed):
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted == "a.b.c"``, creating sections."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise PipelineError(
-                f"override {dotted}=...: {key!r} is a value, not a section."
-            )
+            raise PipelineError(f"override {dotted}=...: {key!r} is a value, not a section.")
         node = child
     node[keys[-1]] = value
 
@@ -249,7 +254,9 @@ def validate_config(tree: dict[str, Any], source: str) -> RunConfig:
             message = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 message = "unknown key (check the spelling; see the README's config reference)"
-            received = "" if e["type"] == "missing" else f" (got {e.get('input')!r})"
+            received = (
+                "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
+            )
             problems.append(f"  {where}: {message}{received}")
         raise PipelineError(f"invalid config {source}:\n" + "\n".join(problems)) from None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.config import EngineConfig
+from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -39,35 +40,45 @@ def _configure_environment() -> None:
 
 @contextmanager
 def open_engine(
+    model_name: str,
     model_path: Path,
     engine: EngineConfig,
     max_model_len: int,
     max_num_batched_tokens: int,
     seed: int,
 ) -> Iterator[LLM]:
-    """An ``LLM`` for ``model_path``, shut down when the block ends."""
+    """An ``LLM`` for ``model_path``, shut down when the block ends.
+
+    A model vLLM cannot load (corrupt weights, unsupported architecture) is reported
+    as a ``PipelineError`` naming the model, with vLLM's own message.
+    """
     _configure_environment()
     from vllm import LLM
 
     options = {}
     if engine.kv_cache_memory_bytes is not None:
         options["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
-    llm = LLM(
-        model=str(model_path),
-        dtype=engine.dtype,
-        seed=seed,
-        max_model_len=max_model_len,
-        max_num_batched_tokens=max_num_batched_tokens,
-        gpu_memory_utilization=engine.gpu_memory_utilization,
-        enforce_eager=engine.enforce_eager,
-        # With prefix caching on, prompt log-probs can depend on request order.
-        enable_prefix_caching=False,
-        # Sampling parameters come from our config alone, never from the model's
-        # generation_config.json.
-        generation_config="vllm",
-        logprobs_mode="raw_logprobs",
-        **options,
-    )
+    try:
+        llm = LLM(
+            model=str(model_path),
+            dtype=engine.dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            enforce_eager=engine.enforce_eager,
+            # With prefix caching on, prompt log-probs can depend on request order.
+            enable_prefix_caching=False,
+            # Sampling parameters come from our config alone, never from the model's
+            # generation_config.json.
+            generation_config="vllm",
+            logprobs_mode="raw_logprobs",
+            **options,
+        )
+    except Exception as err:  # vLLM raises many types; all mean "cannot load this model"
+        raise PipelineError(
+            f"model {model_name!r}: vLLM could not load {model_path}: {err}"
+        ) from err
     try:
         yield llm
     finally:

@@ -77,8 +77,7 @@ def _tokenizer_contract(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     return {
         "vocabulary": tokenizer.get_vocab(),
         "special tokens": {
-            role: getattr(tokenizer, f"{role}_token_id")
-            for role in ("bos", "eos", "pad", "unk")
+            role: getattr(tokenizer, f"{role}_token_id") for role in ("bos", "eos", "pad", "unk")
         },
     }
 

@@ -60,7 +60,9 @@ def _records_from_parquet(path: Path) -> list[dict[str, Any]]:
         raise PipelineError(f"prompt file {path} is not readable Parquet: {err}") from None
 
 
-def _render(record: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
+def _render(
+    record: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, list[int]]:
     text, messages = record.get("text"), record.get("messages")
     if (text is None) == (messages is None):
         raise PipelineError(
@@ -71,9 +73,15 @@ def _render(record: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBa
         if not isinstance(text, str) or not text:
             raise PipelineError(f"{where}: `text` must be a non-empty string.")
         return text, tokenizer(text)["input_ids"]
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
     ):
         raise PipelineError(
             f"{where}: `messages` must be a non-empty list of "
@@ -86,7 +94,9 @@ def _render(record: dict[str, Any], where: str, tokenizer: PreTrainedTokenizerBa
         )
     # The template writes the special tokens itself; tokenizing must not add them again.
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return json.dumps(messages, ensure_ascii=False), tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return json.dumps(messages, ensure_ascii=False), tokenizer(rendered, add_special_tokens=False)[
+        "input_ids"
+    ]
 
 
 def default_prompt_id(source: str) -> str:

@@ -34,9 +34,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             _row("delta H", est["delta_H_bits"], bits_unit),
             _row("ESS", est["ess"]),
             _row("ESS / N", est["ess_fraction"]),
-            _row("log-weight min / median / max",
-                 f"{est['log_weight_min']:.3f} / {est['log_weight_median']:.3f} / "
-                 f"{est['log_weight_max']:.3f}"),
+            _row(
+                "log-weight min / median / max",
+                f"{est['log_weight_min']:.3f} / {est['log_weight_median']:.3f} / "
+                f"{est['log_weight_max']:.3f}",
+            ),
             _row("per-token NLL p0", est["per_token_nll_p0_nats"], "nats/token"),
             _row("per-token NLL p0", est["per_token_nll_p0_bits"], "bits/token"),
             _row("per-token NLL p1  (SNIS)", est["per_token_nll_p1_nats"], "nats/token"),
@@ -47,6 +49,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         _row("mean generation length", summary["avg_gen_length"], "tokens"),
         _row("ended by EOS / stop token", summary["fraction_ended_by_eos"]),
         _row("ended by length limit", summary["fraction_ended_by_length"]),
-        _row("max |decode - prefill| log-prob", summary["max_abs_decode_vs_prefill_logprob_diff"], "nats"),
+        _row(
+            "max |decode - prefill| log-prob",
+            summary["max_abs_decode_vs_prefill_logprob_diff"],
+            "nats",
+        ),
     ]
     return "\n".join(lines)

@@ -27,7 +27,7 @@ from pipeline.artifacts import (
     write_json,
     write_table,
 )
-from pipeline.config import RunConfig, set_dotted, config_hash, parse_overrides, validate_config
+from pipeline.config import RunConfig, config_hash, parse_overrides, set_dotted, validate_config
 from pipeline.errors import PipelineError
 from pipeline.models import (
     check_shared_tokenizer,
@@ -87,14 +87,23 @@ def run_pipeline(config: RunConfig, run_dir: Path) -> dict[str, Any]:
         )
     reference = config.reference_model
     paths = {name: model.path for name, model in config.models.items()}
-    tokenizers = {name: load_tokenizer(name, paths[name]) for name in [reference, *config.candidates]}
+    tokenizers = {
+        name: load_tokenizer(name, paths[name]) for name in [reference, *config.candidates]
+    }
     check_shared_tokenizer(tokenizers)
     tokenizer = tokenizers[reference]
-    max_model_len = config.engine.max_model_len or min(model_context_length(p) for p in paths.values())
+    max_model_len = config.engine.max_model_len or min(
+        model_context_length(p) for p in paths.values()
+    )
     prompts = load_prompts(config.prompts.path, tokenizer, config.prompts.limit)
     check_prompt_lengths(prompts, config.sampling.max_tokens, max_model_len)
-    budget = sampling_step_budget(prompts, config.sampling.num_samples, config.engine.max_num_batched_tokens)
-    _log(f"entropy-pipeline: {len(prompts)} prompts x {config.sampling.num_samples} samples -> {run_dir}")
+    budget = sampling_step_budget(
+        prompts, config.sampling.num_samples, config.engine.max_num_batched_tokens
+    )
+    _log(
+        f"entropy-pipeline: {len(prompts)} prompts x {config.sampling.num_samples} samples "
+        f"-> {run_dir}"
+    )
 
     run_dir.mkdir(parents=True, exist_ok=True)
     digest = config_hash(config)
@@ -112,7 +121,8 @@ def run_pipeline(config: RunConfig, run_dir: Path) -> dict[str, Any]:
             "dtype": config.engine.dtype,
             "seeds": {
                 "run_seed": config.seed,
-                "per_prompt": "first 62 bits of sha256(run_seed NUL prompt_id); prompts/ column sampling_seed",
+                "per_prompt": "first 62 bits of sha256(run_seed NUL prompt_id), "
+                "column sampling_seed of prompts/",
             },
             "engine": {"max_model_len": max_model_len, "max_num_batched_tokens": budget},
             "stages": {},
@@ -123,24 +133,40 @@ def run_pipeline(config: RunConfig, run_dir: Path) -> dict[str, Any]:
 
     engine_args = (config.engine, max_model_len, budget, config.seed)
     started = time.perf_counter()
-    with open_engine(paths[reference], *engine_args) as llm:
+    with open_engine(reference, paths[reference], *engine_args) as llm:
         _log(f"sample: {reference} ({paths[reference]})")
-        write_table(prompts_table(prompts, config.seed), prompts_dir(run_dir), {**provenance, "content": "prompts"})
-        samples = sample_completions(llm, prompts, config.sampling, config.seed, stop_token_ids, budget)
-        write_table(samples, samples_dir(run_dir), {**provenance, "content": "samples", "model": reference})
+        write_table(
+            prompts_table(prompts, config.seed),
+            prompts_dir(run_dir),
+            {**provenance, "content": "prompts"},
+        )
+        samples = sample_completions(
+            llm, prompts, config.sampling, config.seed, stop_token_ids, budget
+        )
+        write_table(
+            samples, samples_dir(run_dir), {**provenance, "content": "samples", "model": reference}
+        )
         manifest.stage_done("sample", started, sequences=samples.num_rows)
         prompt_ids = {p.prompt_id: p.token_ids for p in prompts}
         started = time.perf_counter()
         _log(f"score: {reference}")
-        scores = score_sequences(llm, reference, samples, prompt_ids, config.engine.score_batch_size)
-        write_table(scores, scores_dir(run_dir, reference), {**provenance, "content": "scores", "model": reference})
+        scores = score_sequences(
+            llm, reference, samples, prompt_ids, config.engine.score_batch_size
+        )
+        write_table(
+            scores,
+            scores_dir(run_dir, reference),
+            {**provenance, "content": "scores", "model": reference},
+        )
         manifest.stage_done(f"score/{reference}", started)
     for name in config.candidates:
         started = time.perf_counter()
         _log(f"score: {name} ({paths[name]})")
-        with open_engine(paths[name], *engine_args) as llm:
+        with open_engine(name, paths[name], *engine_args) as llm:
             scores = score_sequences(llm, name, samples, prompt_ids, config.engine.score_batch_size)
-        write_table(scores, scores_dir(run_dir, name), {**provenance, "content": "scores", "model": name})
+        write_table(
+            scores, scores_dir(run_dir, name), {**provenance, "content": "scores", "model": name}
+        )
         manifest.stage_done(f"score/{name}", started)
 
     started = time.perf_counter()
@@ -169,7 +195,9 @@ def run_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             )
         set_dotted(tree, key, value)
     config = validate_config(tree, f"of run {run_dir} with overrides {overrides}")
-    summary = {**compute_summary(run_dir, config, config.entropy), "config_hash": manifest["config_hash"]}
+    summary = {
+        **compute_summary(run_dir, config, config.entropy),
+        "config_hash": manifest["config_hash"],
+    }
     write_summary(run_dir, summary)
     return summary
-

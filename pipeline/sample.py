@@ -125,9 +125,18 @@ def sample_completions(
                         f"sampled id {token_ids[-1]} is not a stop token id; refusing to "
                         "guess which tokens were sampled."
                     )
-                logprobs = [step[token].logprob for step, token in zip(completion.logprobs, token_ids, strict=True)]
+                logprobs = [
+                    step[token].logprob
+                    for step, token in zip(completion.logprobs, token_ids, strict=True)
+                ]
                 rows.append(
-                    sequence_row(prompt.prompt_id, completion.index, token_ids, completion.finish_reason, logprobs)
+                    sequence_row(
+                        prompt.prompt_id,
+                        completion.index,
+                        token_ids,
+                        completion.finish_reason,
+                        logprobs,
+                    )
                 )
         done += len(batch)
         print(f"  sample: {done}/{len(prompts)} prompts", file=sys.stderr, flush=True)

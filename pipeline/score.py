@@ -44,7 +44,9 @@ def score_sequences(
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
         requests = [
-            TokensPrompt(prompt_token_ids=prompt_token_ids[s["prompt_id"]] + s["completion_token_ids"])
+            TokensPrompt(
+                prompt_token_ids=prompt_token_ids[s["prompt_id"]] + s["completion_token_ids"]
+            )
             for s in batch
         ]
         outputs = llm.generate(requests, params, use_tqdm=False)

@@ -52,7 +52,7 @@ def _story(rng: random.Random) -> str:
                 [
                     f"A {animal} came and looked at it.",
                     f"{name} felt {rng.choice(FEELINGS)}.",
-                    f"{friend} said, \"Can I see the {rng.choice(THINGS)}?\"",
+                    f'{friend} said, "Can I see the {rng.choice(THINGS)}?"',
                     f"The {animal} was {rng.choice(FEELINGS)} and {rng.choice(FEELINGS)}.",
                     f"They played by the {rng.choice(PLACES)} for a long time.",
                     f"{friend} {rng.choice(VERBS)} a {rng.choice(THINGS)} too.",

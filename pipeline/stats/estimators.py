@@ -40,10 +40,13 @@ def importance_weights() -> pl.Expr:
 
 
 def entropy_p0(unit: Unit) -> pl.Expr:
-    """H(p0): -mean S0 (nats/sequence) or -sum S0 / sum L (nats/token)."""
-    if unit == "sequence":
-        return -pl.col("S0").mean()
-    return -pl.col("S0").sum() / pl.col("L").sum()
+    """H(p0): -sum S0 / N (nats/sequence) or -sum S0 / sum L (nats/token).
+
+    Written as a sum over a count, like the SNIS ratio with all weights 1, so that
+    scoring p0 as the candidate gives delta H = 0 exactly.
+    """
+    denominator = pl.len() if unit == "sequence" else pl.col("L").sum()
+    return -pl.col("S0").sum() / denominator
 
 
 def entropy_p1_snis(unit: Unit) -> pl.Expr:

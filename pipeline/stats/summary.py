@@ -87,13 +87,17 @@ def generation_diagnostics(run_dir: Path, reference: str) -> dict[str, Any]:
         .explode(["decode", "prefill"])
         .select(((pl.col("decode") - pl.col("prefill")).abs().max()).cast(pl.Float64).alias("diff"))
     )
-    row = samples.select(
-        num_prompts=pl.col("prompt_id").n_unique(),
-        num_sequences=pl.len(),
-        avg_gen_length=pl.col("L").mean(),
-        fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
-        fraction_ended_by_length=(pl.col("finish_reason") == "length").mean(),
-    ).collect().row(0, named=True)
+    row = (
+        samples.select(
+            num_prompts=pl.col("prompt_id").n_unique(),
+            num_sequences=pl.len(),
+            avg_gen_length=pl.col("L").mean(),
+            fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
+            fraction_ended_by_length=(pl.col("finish_reason") == "length").mean(),
+        )
+        .collect()
+        .row(0, named=True)
+    )
     row["max_abs_decode_vs_prefill_logprob_diff"] = per_token.collect().item()
     return row
 
@@ -102,7 +106,9 @@ def compute_summary(run_dir: Path, config: RunConfig, entropy: EntropyConfig) ->
     """The summary of a run under the ``entropy`` options (which may differ from the run's)."""
     reference = config.reference_model
     candidates = {
-        name: entropy_estimates(paired_frame(run_dir, reference, name, entropy.include_eos), entropy.unit)
+        name: entropy_estimates(
+            paired_frame(run_dir, reference, name, entropy.include_eos), entropy.unit
+        )
         for name in config.candidates
     }
     first = config.candidates[0]

