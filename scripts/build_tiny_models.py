@@ -22,9 +22,9 @@ this script runs only when the models are to be rebuilt::
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
