@@ -157,8 +157,45 @@ class EntropyConfig(_Closed):
     )
     length_normalize_deltah1: bool = Field(
         default=False,
-        description="Use S/L in place of S in the first-order term dH1 (later work).",
+        description="Use S/L in place of S in the first-order term dH1 (nats/token).",
     )
+
+
+class WeightsConfig(_Closed):
+    """Importance-weight stabilisation (statistics option)."""
+
+    mode: Literal["none", "clip", "psis"] = Field(
+        default="none",
+        description="none: raw weights; clip: truncate at clip_threshold x mean weight "
+        "(Ionides 2008); psis: Pareto-smoothed importance sampling with its k-hat "
+        "diagnostic (Vehtari et al. 2024).",
+    )
+    clip_threshold: Annotated[float, Field(gt=1)] | None = Field(
+        default=None, description="tau of mode clip; null: sqrt(number of sequences)."
+    )
+    min_ess_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.1, description="Warn when ESS / N falls below this."
+    )
+
+
+class UncertaintyConfig(_Closed):
+    """Standard errors and intervals (statistics option)."""
+
+    method: Literal["cluster_bootstrap"] = Field(
+        default="cluster_bootstrap",
+        description="Resample prompts (the independent units) with replacement.",
+    )
+    replicates: Annotated[int, Field(ge=50)] = Field(
+        default=1000, description="Bootstrap replicates."
+    )
+    seed: Annotated[int, Field(ge=0)] = Field(default=0, description="Bootstrap seed.")
+    level: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.95, description="Coverage of the percentile intervals."
+    )
+
+
+# Sections `entropy-pipeline stats` may change on a finished run.
+STATS_SECTIONS = ("entropy", "weights", "uncertainty")
 
 
 class RunConfig(_Closed):
@@ -179,6 +216,8 @@ class RunConfig(_Closed):
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
     entropy: EntropyConfig = EntropyConfig()
+    weights: WeightsConfig = WeightsConfig()
+    uncertainty: UncertaintyConfig = UncertaintyConfig()
 
     @model_validator(mode="after")
     def _check_models(self) -> RunConfig:

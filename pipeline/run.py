@@ -27,7 +27,14 @@ from pipeline.artifacts import (
     write_json,
     write_table,
 )
-from pipeline.config import RunConfig, config_hash, parse_overrides, set_dotted, validate_config
+from pipeline.config import (
+    STATS_SECTIONS,
+    RunConfig,
+    config_hash,
+    parse_overrides,
+    set_dotted,
+    validate_config,
+)
 from pipeline.errors import PipelineError
 from pipeline.models import (
     check_shared_tokenizer,
@@ -170,7 +177,7 @@ def run_pipeline(config: RunConfig, run_dir: Path) -> dict[str, Any]:
         manifest.stage_done(f"score/{name}", started)
 
     started = time.perf_counter()
-    summary = {**compute_summary(run_dir, config, config.entropy), **provenance}
+    summary = {**compute_summary(run_dir, config), **provenance}
     write_summary(run_dir, summary)
     manifest.stage_done("stats", started)
     manifest.finish()
@@ -188,15 +195,16 @@ def run_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         )
     tree = manifest["config"]
     for key, value in parse_overrides(overrides):
-        if not key.startswith("entropy."):
+        if key.split(".")[0] not in STATS_SECTIONS:
+            allowed = ", ".join(f"{section}.*" for section in STATS_SECTIONS)
             raise PipelineError(
-                f"stats can change only entropy.* options; {key} is fixed by the run "
+                f"stats can change only {allowed} options; {key} is fixed by the run "
                 "(samples and scores were made with it). Start a new run to change it."
             )
         set_dotted(tree, key, value)
     config = validate_config(tree, f"of run {run_dir} with overrides {overrides}")
     summary = {
-        **compute_summary(run_dir, config, config.entropy),
+        **compute_summary(run_dir, config),
         "config_hash": manifest["config_hash"],
     }
     write_summary(run_dir, summary)

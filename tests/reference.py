@@ -38,6 +38,7 @@ def reference_summary(
         s1.append(math.fsum(lp1[counted]))
         lengths.append(len(lp0[counted]))
     s0_full, s1_full, s0, s1 = map(np.asarray, (s0_full, s1_full, s0, s1))
+    prompt_of = np.asarray([k[0] for k in keys])
     lengths = np.asarray(lengths, dtype=np.float64)
     log_w = s1_full - s0_full
     w = np.exp(log_w - log_w.max())
@@ -48,6 +49,19 @@ def reference_summary(
     else:
         h0 = -s0.sum() / lengths.sum()
         h1 = -(w * s1).sum() / (w * lengths).sum()
+    kl = (w * log_w).sum() / (w.sum() if unit == "sequence" else (w * lengths).sum())
+    # First-order term: mean over prompts of the unbiased within-prompt covariances.
+    cov_s0, cov_len = [], []
+    for prompt in sorted(set(prompt_of)):
+        rows = prompt_of == prompt
+        cov_s0.append(np.cov(s0[rows], log_w[rows])[0, 1])
+        cov_len.append(np.cov(lengths[rows], log_w[rows])[0, 1])
+    if unit == "sequence":
+        delta_h1 = -np.mean(cov_s0)
+        reweighting = (w * s0).sum() / w.sum() - s0.mean()
+    else:
+        delta_h1 = -(np.mean(cov_s0) + h0 * np.mean(cov_len)) / lengths.mean()
+        reweighting = (w * s0).sum() / (w * lengths).sum() - s0.sum() / lengths.sum()
     nll0 = -s0.sum() / lengths.sum()
     nll1 = -(w * s1).sum() / (w * lengths).sum()
     ln2 = math.log(2)
@@ -66,6 +80,11 @@ def reference_summary(
         "H0_bits": h0 / ln2,
         "H1_bits": h1 / ln2,
         "delta_H_bits": (h1 - h0) / ln2,
+        "kl_nats": kl,
+        "kl_bits": kl / ln2,
+        "delta_H1_nats": delta_h1,
+        "delta_H1_bits": delta_h1 / ln2,
+        "identity_delta_H_nats": -reweighting - kl,
         "ess": w.sum() ** 2 / (w**2).sum(),
         "ess_fraction": w.sum() ** 2 / (w**2).sum() / n,
         "log_weight_min": log_w.min(),

@@ -148,7 +148,7 @@ def test_stats_refuses_non_entropy_override(
     demo_run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run_cli("stats", demo_run, "sampling.num_samples=4") == 2
-    assert "only entropy.*" in capsys.readouterr().err
+    assert "can change only entropy.*, weights.*, uncertainty.*" in capsys.readouterr().err
 
 
 def test_stats_on_a_folder_that_is_not_a_run(

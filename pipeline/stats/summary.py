@@ -8,6 +8,7 @@ which always compares the full sampled sequences (EOS included).
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,11 @@ from pipeline.artifacts import (
     scores_dir,
     write_json,
 )
-from pipeline.config import EntropyConfig, RunConfig
+from pipeline.config import STATS_SECTIONS, RunConfig
 from pipeline.errors import PipelineError
-from pipeline.stats.estimators import entropy_estimates
+from pipeline.stats.estimators import NATS_PER_BIT, entropy_estimates, prompt_sums
+from pipeline.stats.uncertainty import cluster_bootstrap
+from pipeline.stats.weights import stabilise_log_weights
 
 KEYS = ["prompt_id", "sample_idx"]
 
@@ -43,7 +46,7 @@ def _model_scores(run_dir: Path, model: str, tag: str, include_eos: bool) -> pl.
 
 
 def paired_frame(run_dir: Path, reference: str, candidate: str, include_eos: bool) -> pl.DataFrame:
-    """One row per sequence: ``log_w``, ``S0``, ``S1``, ``L`` (see estimators).
+    """One row per sequence: ``log_w_raw``, ``S0``, ``S1``, ``L`` (see estimators).
 
     Refuses score files that do not cover exactly the sampled sequences.
     """
@@ -53,14 +56,16 @@ def paired_frame(run_dir: Path, reference: str, candidate: str, include_eos: boo
         .join(_model_scores(run_dir, candidate, "1", include_eos), on=KEYS, how="left")
         .select(
             *KEYS,
-            log_w=pl.col("S1_full") - pl.col("S0_full"),
+            log_w_raw=pl.col("S1_full") - pl.col("S0_full"),
             S0="S0",
             S1="S1",
             L="L0",
         )
+        # A fixed row order makes every sum, and so every figure, reproducible bit for bit.
+        .sort(KEYS)
         .collect()
     )
-    missing = frame.filter(pl.col("log_w").is_null())
+    missing = frame.filter(pl.col("log_w_raw").is_null())
     if missing.height:
         first = missing.row(0, named=True)
         raise PipelineError(
@@ -102,13 +107,56 @@ def generation_diagnostics(run_dir: Path, reference: str) -> dict[str, Any]:
     return row
 
 
-def compute_summary(run_dir: Path, config: RunConfig, entropy: EntropyConfig) -> dict[str, Any]:
-    """The summary of a run under the ``entropy`` options (which may differ from the run's)."""
-    reference = config.reference_model
-    candidates = {
-        name: entropy_estimates(
-            paired_frame(run_dir, reference, name, entropy.include_eos), entropy.unit
+def candidate_summary(paired: pl.DataFrame, config: RunConfig) -> dict[str, Any]:
+    """Estimates, intervals, weight diagnostics and warnings of one candidate."""
+    entropy, weights, uncertainty = config.entropy, config.weights, config.uncertainty
+    log_w, weight_diagnostics = stabilise_log_weights(
+        paired["log_w_raw"].to_numpy(), weights.mode, weights.clip_threshold
+    )
+    paired = paired.with_columns(log_w=pl.Series(log_w))
+    row = entropy_estimates(paired, entropy.unit, entropy.length_normalize_deltah1)
+    row.update(weight_diagnostics)
+    intervals = cluster_bootstrap(
+        prompt_sums(paired),
+        entropy.unit,
+        entropy.length_normalize_deltah1,
+        uncertainty.replicates,
+        uncertainty.seed,
+        uncertainty.level,
+    )
+    for name, interval in intervals.items():
+        for part, value in interval.items():
+            row[f"{name}_{part}_nats"] = value
+            row[f"{name}_{part}_bits"] = value / NATS_PER_BIT
+    row["warnings"] = weight_warnings(row, weights.min_ess_fraction)
+    return row
+
+
+def weight_warnings(row: dict[str, Any], min_ess_fraction: float) -> list[str]:
+    """Plain-language warnings when the importance weights cannot be trusted."""
+    advice = (
+        "take fewer update steps between p0 and p1, sample more completions, or sample "
+        "from p1 instead"
+    )
+    warnings = []
+    if row["ess_fraction"] < min_ess_fraction:
+        warnings.append(
+            f"ESS fraction {row['ess_fraction']:.3f} is below {min_ess_fraction}: H(p1) "
+            f"rests on about {row['ess']:.0f} effective samples; {advice}."
         )
+    if row.get("pareto_k_exceeded"):
+        warnings.append(
+            f"Pareto k-hat {row['pareto_k']:.2f} exceeds {row['pareto_k_threshold']:.2f}: "
+            f"the weights are too heavy-tailed for a reliable estimate; {advice}."
+        )
+    return warnings
+
+
+def compute_summary(run_dir: Path, config: RunConfig) -> dict[str, Any]:
+    """The summary of a run under ``config``'s statistics options."""
+    reference, entropy = config.reference_model, config.entropy
+    candidates = {
+        name: candidate_summary(paired_frame(run_dir, reference, name, entropy.include_eos), config)
         for name in config.candidates
     }
     first = config.candidates[0]
@@ -121,14 +169,33 @@ def compute_summary(run_dir: Path, config: RunConfig, entropy: EntropyConfig) ->
         "candidate": first,
         **diagnostics,
         **estimates,
+        "warnings": [f"{name}: {w}" for name, c in candidates.items() for w in c["warnings"]],
         "candidates": candidates,
-        "entropy_options": entropy.model_dump(mode="json"),
+        "statistics_options": {
+            section: getattr(config, section).model_dump(mode="json") for section in STATS_SECTIONS
+        },
+        "uncertainty_method": (
+            f"{config.uncertainty.method} over prompts, {config.uncertainty.replicates} "
+            f"replicates, seed {config.uncertainty.seed}, percentile intervals at "
+            f"level {config.uncertainty.level}"
+        ),
         "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (e.g. dH1 of a run with one sample per prompt) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``summary.json`` atomically into ``run_dir``."""
+    """Write ``summary.json`` atomically into ``run_dir`` (non-finite numbers as null)."""
     path = run_dir / SUMMARY
-    write_json(summary, path)
+    write_json(_json_safe(summary), path)
     return path
