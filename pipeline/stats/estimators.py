@@ -90,7 +90,7 @@ def prompt_sums(paired: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
             cR=_within_prompt_covariance(per_token_s0, d),
         )
         .sort("prompt_id")
-        .collect()
+        .collect(engine="streaming")
     )
 
 

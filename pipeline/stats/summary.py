@@ -63,7 +63,9 @@ def paired_frame(run_dir: Path, reference: str, candidate: str, include_eos: boo
         )
         # A fixed row order makes every sum, and so every figure, reproducible bit for bit.
         .sort(KEYS)
-        .collect()
+        # Streaming: the list columns are read in batches and reduced to scalars, so
+        # memory holds a few numbers per sequence, never the per-token log-probs.
+        .collect(engine="streaming")
     )
     missing = frame.filter(pl.col("log_w_raw").is_null())
     if missing.height:
@@ -89,8 +91,14 @@ def generation_diagnostics(run_dir: Path, reference: str) -> dict[str, Any]:
     per_token = (
         samples.select(*KEYS, pl.col("token_logprobs").alias("decode"))
         .join(prefill, on=KEYS)
-        .explode(["decode", "prefill"])
-        .select(((pl.col("decode") - pl.col("prefill")).abs().max()).cast(pl.Float64).alias("diff"))
+        .select(
+            (pl.col("decode") - pl.col("prefill"))
+            .list.eval(pl.element().abs())
+            .list.max()
+            .max()
+            .cast(pl.Float64)
+            .alias("diff")
+        )
     )
     row = (
         samples.select(
@@ -100,10 +108,10 @@ def generation_diagnostics(run_dir: Path, reference: str) -> dict[str, Any]:
             fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
             fraction_ended_by_length=(pl.col("finish_reason") == "length").mean(),
         )
-        .collect()
+        .collect(engine="streaming")
         .row(0, named=True)
     )
-    row["max_abs_decode_vs_prefill_logprob_diff"] = per_token.collect().item()
+    row["max_abs_decode_vs_prefill_logprob_diff"] = per_token.collect(engine="streaming").item()
     return row
 
 

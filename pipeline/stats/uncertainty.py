@@ -43,8 +43,11 @@ def cluster_bootstrap(
     draws: dict[str, list[np.ndarray]] = {name: [] for name in ESTIMATES}
     for start in range(0, replicates, chunk):
         size = min(chunk, replicates - start)
-        counts = rng.multinomial(num_prompts, np.full(num_prompts, 1.0 / num_prompts), size=size)
-        totals = counts.astype(np.float64) @ matrix
+        # How often each prompt is drawn in each replicate: P index draws per replicate.
+        drawn = rng.integers(0, num_prompts, size=(size, num_prompts))
+        drawn += np.arange(size)[:, None] * num_prompts
+        counts = np.bincount(drawn.ravel(), minlength=size * num_prompts)
+        totals = counts.reshape(size, num_prompts).astype(np.float64) @ matrix
         estimates = estimates_from_totals(
             {c: totals[:, j] for j, c in enumerate(SUM_COLUMNS)},
             num_prompts,
