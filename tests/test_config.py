@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from pipeline.config import config_hash, load_config
+from pipeline.config import RunConfig, config_hash, load_config
 from pipeline.errors import PipelineError
 from tests.conftest import DEFAULT_CONFIG, ROOT
 
@@ -79,3 +80,24 @@ def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
     bad.write_text("seed: [1, 2\n")
     with pytest.raises(PipelineError, match="not valid YAML"):
         load_config(bad)
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _leaf_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_readme_documents_every_config_key() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [
+        key
+        for key in _leaf_keys(RunConfig)
+        if f"`{key}`" not in readme and f"`{key}.<name>.path`" not in readme
+    ]
+    assert not missing, f"config keys missing from the README's reference: {missing}"

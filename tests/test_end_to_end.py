@@ -197,3 +197,19 @@ def test_sampling_is_reproducible_per_prompt(demo_run: Path, tmp_path: Path) -> 
         assert row["completion_token_ids"] == full[(row["prompt_id"], row["sample_idx"])]
     # Different samples of one prompt are not copies of each other.
     assert len({tuple(r["completion_token_ids"]) for r in subset}) > 30
+
+
+def test_weight_warnings_reach_summary_and_terminal(
+    demo_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run, run_dir)
+    capsys.readouterr()
+    assert run_cli("stats", run_dir, "weights.min_ess_fraction=0.999", "weights.mode=psis") == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (warning,) = [w for w in summary["warnings"] if "ESS fraction" in w]
+    assert "fewer update steps" in warning
+    assert f"WARNING {warning}" in printed
+    assert "Pareto k-hat" in printed
+    assert summary["statistics_options"]["weights"]["mode"] == "psis"
