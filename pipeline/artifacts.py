@@ -1,12 +1,13 @@
 """The data contract between stages: Parquet schemas, run-directory layout, manifest.
 
-Layout of a run directory::
+Layout of a run directory (one Parquet part per shard of prompts)::
 
     manifest.json                 config, hashes, model identities, versions, stage status
-    prompts/part-00000.parquet    one row per prompt (PROMPTS_SCHEMA)
-    samples/part-00000.parquet    one row per sampled sequence, decode-time log-probs
-    scores/<model>/part-00000.parquet   one row per sequence, teacher-forced log-probs
+    prompts/part-NNNNN.parquet    one row per prompt (PROMPTS_SCHEMA)
+    samples/part-NNNNN.parquet    one row per sampled sequence, decode-time log-probs
+    scores/<model>/part-NNNNN.parquet   one row per sequence, teacher-forced log-probs
     summary.json                  statistics (written by the stats stage)
+    summary/candidate=<model>/part-0.parquet   the same, one row per candidate
 
 Samples and scores share SEQUENCE_SCHEMA: in ``samples`` the per-token log-probs are
 the ones vLLM returned while sampling (kept only as a diagnostic), in ``scores`` they
@@ -33,7 +34,7 @@ from pipeline.errors import PipelineError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
-PART = "part-00000.parquet"
+TEMPORARY_GLOB = ".*.tmp-*"
 
 PROMPTS_SCHEMA = pa.schema(
     [
@@ -83,14 +84,18 @@ def _replace_durably(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def write_table(table: pa.Table, folder: Path, metadata_fields: dict[str, str]) -> Path:
-    """Write ``table`` as ``folder/part-00000.parquet`` atomically, with metadata.
+def part_name(index: int) -> str:
+    """File name of shard ``index``: ``part-00007.parquet``."""
+    return f"part-{index:05d}.parquet"
 
-    ``metadata_fields`` (schema version, config hash, what the file holds) go into the
-    Parquet file's key-value metadata so the file identifies itself.
+
+def write_table(table: pa.Table, path: Path, metadata_fields: dict[str, str]) -> Path:
+    """Write ``table`` to ``path`` atomically, with metadata.
+
+    ``metadata_fields`` (schema version, stage fingerprint, shard, what the file holds)
+    go into the Parquet file's key-value metadata so the file identifies itself.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / PART
+    path.parent.mkdir(parents=True, exist_ok=True)
     fields = {"schema_version": str(SCHEMA_VERSION), **metadata_fields}
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in fields.items()})
     temporary = _temporary_name(path)
@@ -100,6 +105,39 @@ def write_table(table: pa.Table, folder: Path, metadata_fields: dict[str, str]) 
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def shard_problem(path: Path, schema: pa.Schema, fingerprint: str, rows: int) -> str | None:
+    """Why the shard at ``path`` cannot be reused, or None when it is complete and valid.
+
+    Valid means: readable Parquet, the expected columns, written for this ``fingerprint``
+    (same inputs) and holding ``rows`` rows.
+    """
+    if not path.exists():
+        return "missing"
+    try:
+        found = pq.read_schema(path)
+        num_rows = pq.read_metadata(path).num_rows
+    except Exception as err:  # pyarrow raises several types for damaged files
+        return f"unreadable ({err})"
+    metadata = found.metadata or {}
+    if metadata.get(b"schema_version") != str(SCHEMA_VERSION).encode():
+        return "written by another schema version"
+    if not found.remove_metadata().equals(schema):
+        return "unexpected columns"
+    if metadata.get(b"fingerprint") != fingerprint.encode():
+        return "written from other inputs"
+    if num_rows != rows:
+        return f"{num_rows} rows instead of {rows}"
+    return None
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete temporary files a killed run left behind; return their paths."""
+    leftovers = sorted(run_dir.rglob(TEMPORARY_GLOB))
+    for path in leftovers:
+        path.unlink()
+    return leftovers
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -120,7 +158,13 @@ def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
             f"no Parquet parts in {folder}: the stage that writes them did not finish."
         )
     for part in parts:
-        found = pq.read_schema(part)
+        try:
+            found = pq.read_schema(part)
+        except Exception as err:  # pyarrow raises several types for damaged files
+            raise PipelineError(
+                f"{part} is damaged ({err}). Re-run `entropy-pipeline run --out` on the run "
+                "directory with its config: damaged shards are redone."
+            ) from None
         version = (found.metadata or {}).get(b"schema_version", b"?").decode()
         if version != str(SCHEMA_VERSION) or not found.remove_metadata().equals(schema):
             raise PipelineError(

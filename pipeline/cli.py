@@ -16,6 +16,7 @@ from pipeline.errors import PipelineError
 _EPILOG_RUN = """examples:
   entropy-pipeline run
   entropy-pipeline run --config configs/default.yaml --out runs/try sampling.num_samples=16
+  entropy-pipeline run --out runs/try          # again: resumes, redoing only missing shards
 """
 _EPILOG_STATS = """examples:
   entropy-pipeline stats runs/try entropy.unit=per_token entropy.include_eos=false
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run",
-        help="sample, score and compute statistics into a new run directory",
+        help="sample, score and compute statistics into a run directory",
         epilog=_EPILOG_RUN,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -46,7 +47,13 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="run directory to create (default: runs/<date>/<time>-<config hash>)",
+        help="run directory; an existing one is resumed, redoing only missing or "
+        "damaged shards (default: runs/date=<date>/run=<time>-<config hash>)",
+    )
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="when resuming with other inputs, redo the stages that differ instead of refusing",
     )
     run.add_argument(
         "overrides",
@@ -56,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     stats = commands.add_parser(
         "stats",
-        help="recompute summary.json of a finished run with other entropy.* options",
+        help="recompute summary.json of a finished run with other statistics options",
         epilog=_EPILOG_STATS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from pipeline.report import format_summary
 
+    run_dir = getattr(args, "out", None)
     try:
         if args.command == "run":
             from pipeline.config import load_config
@@ -86,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
             config = load_config(args.config, args.overrides)
             run_dir = args.out or default_run_dir(config)
-            summary = run_pipeline(config, run_dir)
+            summary = run_pipeline(config, run_dir, force=args.force)
         else:
             from pipeline.run import run_stats
 
@@ -95,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"entropy-pipeline: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "\nentropy-pipeline: interrupted. Finished shards are kept; resume with "
+            f"`entropy-pipeline run --out {run_dir}` and the same config.",
+            file=sys.stderr,
+        )
+        return 130
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     print(f"\nsummary written to {run_dir / 'summary.json'}", file=sys.stderr)
     return 0

@@ -142,6 +142,17 @@ class EngineConfig(_Closed):
     )
 
 
+class ShardsConfig(_Closed):
+    """How the sample and score stages split the prompts into resumable pieces."""
+
+    prompts_per_shard: Annotated[int, Field(gt=0)] = Field(
+        default=256,
+        description="Prompts per shard. Each shard's samples and scores are written "
+        "atomically as they finish; re-running the same command on the run directory "
+        "redoes only missing or damaged shards.",
+    )
+
+
 class EntropyConfig(_Closed):
     """Statistics options; `entropy-pipeline stats` may change them after a run."""
 
@@ -215,6 +226,7 @@ class RunConfig(_Closed):
     )
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
+    shards: ShardsConfig = ShardsConfig()
     entropy: EntropyConfig = EntropyConfig()
     weights: WeightsConfig = WeightsConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()

@@ -15,8 +15,12 @@ import pyarrow.parquet as pq
 
 
 def _read(folder: Path) -> dict[tuple[str, int], dict]:
-    table = pq.read_table(next(folder.glob("part-*.parquet")))
-    return {(r["prompt_id"], r["sample_idx"]): r for r in table.to_pylist()}
+    rows = [
+        row
+        for part in sorted(folder.glob("part-*.parquet"))
+        for row in pq.read_table(part).to_pylist()
+    ]
+    return {(r["prompt_id"], r["sample_idx"]): r for r in rows}
 
 
 def reference_summary(

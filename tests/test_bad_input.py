@@ -112,14 +112,15 @@ def test_existing_run_directory_is_not_overwritten(
     (run_dir / "keep.txt").write_text("mine")
     code = run_cli("run", "--config", DEFAULT_CONFIG, "--out", run_dir)
     assert code == 2
-    assert "already holds files" in capsys.readouterr().err
+    assert "not a run directory" in capsys.readouterr().err
     assert (run_dir / "keep.txt").read_text() == "mine"
 
 
 def test_crash_mid_run_leaves_no_summary_and_stats_refuses(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A candidate whose weights are corrupt fails after sampling: the run stays incomplete."""
+    """A candidate whose weights are corrupt fails after sampling: the run stays incomplete,
+    loses nothing, and resumes once the model is repaired."""
     broken = tmp_path / "broken-p1"
     shutil.copytree(TINY_P0, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -142,6 +143,22 @@ def test_crash_mid_run_leaves_no_summary_and_stats_refuses(
     assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
     assert run_cli("stats", run_dir) == 2
     assert "did not finish" in capsys.readouterr().err
+    # Resuming with the model repaired redoes only p1's scores and completes the run.
+    shutil.copy(TINY_P0 / "model.safetensors", broken / "model.safetensors")
+    samples_before = (run_dir / "samples" / "part-00000.parquet").stat().st_mtime_ns
+    code = run_cli(
+        "run",
+        "--config",
+        DEFAULT_CONFIG,
+        "--out",
+        run_dir,
+        f"models.p1.path={broken}",
+        "prompts.limit=3",
+        "sampling.num_samples=2",
+    )
+    assert code == 0
+    assert (run_dir / "samples" / "part-00000.parquet").stat().st_mtime_ns == samples_before
+    assert json.loads((run_dir / "summary.json").read_text())["delta_H_nats"] == 0.0
 
 
 def test_stats_refuses_non_entropy_override(

