@@ -7,7 +7,7 @@ Layout of a run directory (one Parquet part per shard of prompts)::
     samples/part-NNNNN.parquet    one row per sampled sequence, decode-time log-probs
     scores/<model>/part-NNNNN.parquet   one row per sequence, teacher-forced log-probs
     summary.json                  statistics (written by the stats stage)
-    summary/candidate=<model>/part-0.parquet   the same, one row per candidate
+    summary.parquet               the same, one row per candidate (for history tables)
 
 Samples and scores share SEQUENCE_SCHEMA: in ``samples`` the per-token log-probs are
 the ones vLLM returned while sampling (kept only as a diagnostic), in ``scores`` they
@@ -34,6 +34,7 @@ from pipeline.errors import PipelineError
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
+SUMMARY_PARQUET = "summary.parquet"
 TEMPORARY_GLOB = ".*.tmp-*"
 
 PROMPTS_SCHEMA = pa.schema(
@@ -57,6 +58,54 @@ SEQUENCE_SCHEMA = pa.schema(
         pa.field("L", pa.int32(), nullable=False),  # number of completion tokens
     ]
 )
+
+
+def _summary_schema() -> pa.Schema:
+    estimates = ("H0", "H1", "delta_H", "kl", "delta_H1")
+    floats = [
+        f"{name}{part}_{unit}"
+        for name in estimates
+        for part in ("", "_se", "_low", "_high")
+        for unit in ("nats", "bits")
+    ]
+    floats += [
+        "identity_delta_H_nats",
+        "identity_discrepancy_nats",
+        "ess",
+        "ess_fraction",
+        "log_weight_min",
+        "log_weight_median",
+        "log_weight_max",
+        "per_token_nll_p0_nats",
+        "per_token_nll_p0_bits",
+        "per_token_nll_p1_nats",
+        "per_token_nll_p1_bits",
+        "fraction_clipped",
+        "clip_threshold",
+        "pareto_k",
+        "pareto_k_threshold",
+    ]
+    return pa.schema(
+        [
+            (name, pa.string())
+            for name in (
+                "candidate",
+                "reference_model",
+                "run_started_at",
+                "config_hash",
+                "unit",
+                "weights_mode",
+            )
+        ]
+        + [("include_eos", pa.bool_()), ("pareto_k_exceeded", pa.bool_())]
+        + [(name, pa.int64()) for name in ("num_prompts", "num_sequences", "num_warnings")]
+        + [(name, pa.float64()) for name in floats]
+    )
+
+
+# summary.parquet: one row per candidate of a run; weight diagnostics that do not apply
+# to the run's weights.mode are null.
+SUMMARY_SCHEMA = _summary_schema()
 
 
 def prompts_dir(run_dir: Path) -> Path:
@@ -150,14 +199,14 @@ def write_json(data: dict[str, Any], path: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
-    """Lazily read the parts in ``folder``, checking their schema against ``schema``."""
-    parts = sorted(folder.glob("part-*.parquet"))
-    if not parts:
-        raise PipelineError(
-            f"no Parquet parts in {folder}: the stage that writes them did not finish."
-        )
-    for part in parts:
+def scan_checked(
+    files: list[Path], schema: pa.Schema, include_file_paths: str | None = None
+) -> pl.LazyFrame:
+    """Lazily read ``files``, refusing any whose schema is not ``schema``.
+
+    ``include_file_paths`` names a column that holds each row's file path.
+    """
+    for part in files:
         try:
             found = pq.read_schema(part)
         except Exception as err:  # pyarrow raises several types for damaged files
@@ -172,7 +221,17 @@ def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
                 "the current columns; it was written by another version of "
                 "entropy-pipeline. Re-run the pipeline into a new run directory."
             )
-    return pl.scan_parquet(parts)
+    return pl.scan_parquet(files, include_file_paths=include_file_paths)
+
+
+def scan(folder: Path, schema: pa.Schema) -> pl.LazyFrame:
+    """Lazily read the shards in ``folder`` (checked against ``schema``)."""
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        raise PipelineError(
+            f"no Parquet parts in {folder}: the stage that writes them did not finish."
+        )
+    return scan_checked(parts, schema)
 
 
 def library_versions() -> dict[str, str]:

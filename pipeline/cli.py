@@ -18,6 +18,10 @@ _EPILOG_RUN = """examples:
   entropy-pipeline run --config configs/default.yaml --out runs/try sampling.num_samples=16
   entropy-pipeline run --out runs/try          # again: resumes, redoing only missing shards
 """
+_EPILOG_HISTORY = """examples:
+  entropy-pipeline history runs
+  entropy-pipeline history runs --table nightly.parquet --plot nightly.png
+"""
 _EPILOG_STATS = """examples:
   entropy-pipeline stats runs/try entropy.unit=per_token entropy.include_eos=false
 """
@@ -74,6 +78,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="entropy.key=value",
         help="entropy options, e.g. entropy.include_eos=false",
     )
+    history = commands.add_parser(
+        "history",
+        help="gather the summaries of all runs under a folder into one table and plot",
+        epilog=_EPILOG_HISTORY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    history.add_argument("runs_root", type=Path, help="folder holding run directories")
+    history.add_argument(
+        "--table",
+        type=Path,
+        default=None,
+        help="Parquet file to write (default: RUNS_ROOT/history.parquet)",
+    )
+    history.add_argument(
+        "--plot", type=Path, default=None, help="PNG file to write (default: RUNS_ROOT/history.png)"
+    )
     for sub in (run, stats):
         sub.add_argument(
             "--json", action="store_true", help="print summary.json instead of the table"
@@ -81,11 +101,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _history(runs_root: Path, table: Path | None, plot: Path | None) -> int:
+    from pipeline.artifacts import write_table
+    from pipeline.history import format_history, gather_history, plot_history
+
+    try:
+        history = gather_history(runs_root)
+    except PipelineError as err:
+        print(f"entropy-pipeline: error: {err}", file=sys.stderr)
+        return 2
+    print(format_history(history))
+    table = table or runs_root / "history.parquet"
+    write_table(history.to_arrow(), table, {"content": "history"})
+    plot = plot_history(history, plot or runs_root / "history.png")
+    print(f"\nhistory written to {table} and {plot}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``entropy-pipeline`` console script."""
     args = _parser().parse_args(argv)
     from pipeline.report import format_summary
 
+    if args.command == "history":
+        return _history(args.runs_root, args.table, args.plot)
     run_dir = getattr(args, "out", None)
     try:
         if args.command == "run":

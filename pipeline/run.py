@@ -154,7 +154,7 @@ def _stage_folders(run_dir: Path, stage: str) -> list[Path]:
 
 
 def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
-    """Check an existing run directory against the plan; return the manifest's stages.
+    """Check an existing run directory against the plan; return its manifest (or {}).
 
     Stages whose recorded inputs differ are refused, or with ``force`` deleted.
     """
@@ -191,7 +191,7 @@ def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
         for folder in _stage_folders(run_dir, stage):
             shutil.rmtree(folder, ignore_errors=True)
         stages.pop(stage, None)
-    return stages
+    return {**manifest, "stages": stages}
 
 
 class _Manifest:
@@ -248,7 +248,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
     from pipeline.score import score_sequences
 
     plan = _plan(config)
-    stages = _reconcile(run_dir, plan, force)
+    previous = _reconcile(run_dir, plan, force)
     _require_writable(run_dir)
     for leftover in remove_temporaries(run_dir):
         _log(f"  removed a temporary file left by an interrupted run: {leftover}")
@@ -261,6 +261,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
         {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
+            "started_at": previous.get("started_at", _now()),
             "updated_at": _now(),
             "entropy_pipeline_version": __version__,
             "config_hash": config_hash(config),
@@ -279,7 +280,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
             },
             "shards": len(plan.shards),
             "inputs": plan.stage_inputs,
-            "stages": stages,
+            "stages": previous.get("stages", {}),
         },
     )
     _log(
@@ -357,7 +358,11 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
         manifest.stage_done(stage, time.perf_counter() - started, shards_made=len(todo))
 
     started = time.perf_counter()
-    summary = {**compute_summary(run_dir, config), "config_hash": config_hash(config)}
+    summary = {
+        **compute_summary(run_dir, config),
+        "config_hash": config_hash(config),
+        "run_started_at": manifest.content["started_at"],
+    }
     write_summary(run_dir, summary)
     manifest.stage_done("stats", time.perf_counter() - started)
     manifest.finish()
@@ -383,6 +388,10 @@ def run_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             )
         set_dotted(tree, key, value)
     config = validate_config(tree, f"of run {run_dir} with overrides {overrides}")
-    summary = {**compute_summary(run_dir, config), "config_hash": manifest["config_hash"]}
+    summary = {
+        **compute_summary(run_dir, config),
+        "config_hash": manifest["config_hash"],
+        "run_started_at": manifest.get("started_at", manifest.get("created_at")),
+    }
     write_summary(run_dir, summary)
     return summary

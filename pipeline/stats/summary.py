@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from pipeline.artifacts import (
     SEQUENCE_SCHEMA,
     SUMMARY,
+    SUMMARY_PARQUET,
+    SUMMARY_SCHEMA,
     samples_dir,
     scan,
     scores_dir,
     write_json,
+    write_table,
 )
 from pipeline.config import STATS_SECTIONS, RunConfig
 from pipeline.errors import PipelineError
@@ -200,8 +204,37 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+# Columns of summary.parquet besides the per-candidate estimates.
+RUN_COLUMNS = (
+    "run_started_at",
+    "config_hash",
+    "reference_model",
+    "unit",
+    "include_eos",
+    "num_prompts",
+    "num_sequences",
+)
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    """Write ``summary.json`` atomically into ``run_dir`` (non-finite numbers as null)."""
-    path = run_dir / SUMMARY
-    write_json(_json_safe(summary), path)
-    return path
+    """Write ``summary.json`` and ``summary.parquet`` atomically into ``run_dir``.
+
+    The Parquet file has one row per candidate (its estimates, intervals and weight
+    diagnostics, with the run's identity), so a folder of runs laid out by date is
+    one ``pl.scan_parquet("**/summary.parquet", hive_partitioning=True)`` away from a
+    history table. Non-finite numbers are written as null.
+    """
+    summary = _json_safe(summary)
+    write_json(summary, run_dir / SUMMARY)
+    rows = [
+        {
+            "candidate": name,
+            **{k: summary.get(k) for k in RUN_COLUMNS},
+            **{k: v for k, v in estimates.items() if k != "warnings"},
+            "num_warnings": len(estimates["warnings"]),
+        }
+        for name, estimates in summary["candidates"].items()
+    ]
+    table = pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA)
+    write_table(table, run_dir / SUMMARY_PARQUET, {"content": "summary"})
+    return run_dir / SUMMARY
