@@ -295,6 +295,26 @@ def versions() -> dict[str, str]:
     return found
 
 
+def pipeline_revision() -> str:
+    """The repository's commit, and whether ``pipeline/`` differs from it (read-only git)."""
+    root = HERE.parent
+
+    def git(*arguments: str) -> str:
+        return subprocess.run(
+            ["git", *arguments], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "pipeline")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    changed = len(dirty.splitlines())
+    return f"commit {commit}" + (
+        f", with {changed} uncommitted change(s) under pipeline/" if changed else ", clean"
+    )
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -513,6 +533,8 @@ def write_results(
         "",
         "## Library versions",
         "",
+        f"- entropy-pipeline source: {context['revision_before']} at the start, "
+        f"{context['revision_after']} at the end",
         *(f"- {k} {v}" for k, v in context["versions"].items()),
         f"- Polars thread pool: {context['polars_threads']} threads",
         "",
@@ -574,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "polars_threads": pl.thread_pool_size(),
         "load_before": os.getloadavg()[0],
+        "revision_before": pipeline_revision(),
     }
     data = ensure_run(run_dir, args.sequences, args.samples_per_prompt, args.seed, logs)
     data["sizes"] = folder_sizes(run_dir)
@@ -619,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(pair) == 2:
             comparisons.append(compare(pair[0].figures, pair[1].figures))
     context["load_after"] = os.getloadavg()[0]
+    context["revision_after"] = pipeline_revision()
     profile = None
     if args.profile:
         command = [

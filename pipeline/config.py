@@ -43,8 +43,14 @@ class ModelConfig(_Closed):
     """One model of the run."""
 
     path: Path = Field(
-        description="Local Hugging Face model directory (config, weights, tokenizer). "
-        "A relative path is taken from the config file's folder."
+        description="Local Hugging Face model folder (config, weights, tokenizer), or a "
+        "PEFT LoRA adapter folder, which is merged into its base once and scored as a "
+        "full model. A relative path is taken from the config file's folder."
+    )
+    base: Path | None = Field(
+        default=None,
+        description="Base model folder of a LoRA adapter (default: the adapter's "
+        "base_model_name_or_path, when that is a local folder).",
     )
 
 
@@ -224,6 +230,12 @@ class RunConfig(_Closed):
     reference_model: str = Field(
         default="p0", description="Name (in `models`) of the model that samples."
     )
+    merged_models_dir: Path = Field(
+        default=Path(".cache/entropy-pipeline/merged"),
+        description="Cache of LoRA adapters merged into full checkpoints, keyed by the "
+        "content hash of adapter and base. A relative path is taken from the working "
+        "directory.",
+    )
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
     shards: ShardsConfig = ShardsConfig()
@@ -290,8 +302,9 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     models = tree.get("models")
     if isinstance(models, dict):
         for model in models.values():
-            if isinstance(model, dict) and isinstance(model.get("path"), str):
-                model["path"] = str((base / model["path"]).resolve())
+            for key in ("path", "base"):
+                if isinstance(model, dict) and isinstance(model.get(key), str):
+                    model[key] = str((base / model[key]).resolve())
 
 
 def validate_config(tree: dict[str, Any], source: str) -> RunConfig:

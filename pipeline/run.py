@@ -54,6 +54,7 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.errors import PipelineError
+from pipeline.lora import is_adapter, merged_checkpoint
 from pipeline.models import (
     check_shared_tokenizer,
     load_tokenizer,
@@ -91,6 +92,7 @@ class _Plan:
     """Everything a run needs, worked out before anything is written."""
 
     config: RunConfig
+    paths: dict[str, Path]  # full checkpoints (LoRA adapters already merged)
     prompts: list[Prompt]
     shards: list[list[Prompt]]
     identities: dict[str, dict[str, Any]]
@@ -107,7 +109,12 @@ def _plan(config: RunConfig) -> _Plan:
     from pipeline.sample import sampling_step_budget
 
     reference = config.reference_model
-    paths = {name: model.path for name, model in config.models.items()}
+    paths = {
+        name: merged_checkpoint(name, model.path, model.base, config.merged_models_dir.resolve())
+        if is_adapter(model.path)
+        else model.path
+        for name, model in config.models.items()
+    }
     tokenizers = {
         name: load_tokenizer(name, paths[name]) for name in [reference, *config.candidates]
     }
@@ -119,6 +126,9 @@ def _plan(config: RunConfig) -> _Plan:
     prompts = load_prompts(config.prompts.path, tokenizer, config.prompts.limit)
     check_prompt_lengths(prompts, config.sampling.max_tokens, max_model_len)
     identities = {name: model_identity(name, path) for name, path in paths.items()}
+    for name, model in config.models.items():
+        if paths[name] != model.path:
+            identities[name]["lora_adapter"] = str(model.path)
     libraries = library_versions()
     size = config.shards.prompts_per_shard
     sections = config.model_dump(mode="json")
@@ -135,6 +145,7 @@ def _plan(config: RunConfig) -> _Plan:
         )
     return _Plan(
         config=config,
+        paths=paths,
         prompts=prompts,
         shards=[prompts[i : i + size] for i in range(0, len(prompts), size)],
         identities=identities,
@@ -310,7 +321,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
         )
         if not todo:
             continue
-        path = config.models[name].path
+        path = plan.paths[name]
         require_model_dir(name, path)  # it may have gone since the run started
         started = time.perf_counter()
         with open_engine(
