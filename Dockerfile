@@ -7,11 +7,13 @@ WORKDIR /app
 ENV PYTHONUNBUFFERED=1
 
 # Stage 1 of the install: the dependencies alone, from pyproject.toml, with an empty
-# package standing in for the source, so editing the source reuses this layer.
-# (No engine extra: the base image already has vLLM and torch.)
+# package standing in for the source, so editing the source reuses this layer. The
+# gpu extra's vllm==0.32.0 is already satisfied by the base image; it adds peft.
+# (DL3013 is ignored: '.[gpu]' is this project, whose pins live in pyproject.toml.)
 COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
 RUN mkdir pipeline && touch pipeline/__init__.py \
-    && pip install --no-cache-dir . \
+    && pip install --no-cache-dir '.[gpu]' \
     && pip uninstall -y entropy-pipeline \
     && rm -r pipeline
 

@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check pipeline tests scripts
+	$(BIN)/ruff check pipeline tests scripts benchmarks
 	$(BIN)/hadolint Dockerfile
 
 # Rebuild the committed tiny models from the shipped corpus (about 2 minutes).

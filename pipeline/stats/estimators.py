@@ -145,14 +145,19 @@ def totals_of(sums: pl.DataFrame) -> dict[str, np.ndarray]:
 
 
 def entropy_estimates(
-    paired: pl.LazyFrame | pl.DataFrame, unit: Unit, length_normalize_deltah1: bool = False
+    paired: pl.LazyFrame | pl.DataFrame,
+    unit: Unit,
+    length_normalize_deltah1: bool = False,
+    sums: pl.DataFrame | None = None,
 ) -> dict[str, float]:
     """Point estimates (nats and bits), ESS and the log-weight range of one candidate.
 
     Per-token NLLs are reported in any unit: -sum S0 / sum L under p0 and
-    -sum w S1 / sum w L under p1 (the per-token entropies).
+    -sum w S1 / sum w L under p1 (the per-token entropies). ``sums`` is
+    ``prompt_sums(paired)`` when the caller already has it.
     """
-    sums = prompt_sums(paired)
+    if sums is None:
+        sums = prompt_sums(paired)
     totals = totals_of(sums)
     estimates = estimates_from_totals(totals, sums.height, unit, length_normalize_deltah1)
     per_token = estimates_from_totals(totals, sums.height, "per_token", length_normalize_deltah1)

@@ -67,7 +67,9 @@ def paired_frame(run_dir: Path, reference: str, candidate: str, include_eos: boo
         # A fixed row order makes every sum, and so every figure, reproducible bit for bit.
         .sort(KEYS)
         # Streaming: the list columns are read in batches and reduced to scalars, so
-        # memory holds a few numbers per sequence, never the per-token log-probs.
+        # the per-token log-probs are never all in memory. The joins on the string keys
+        # still hold about 300 bytes per sequence (3.1 GiB at 10 M sequences, see
+        # benchmarks/RESULTS.md).
         .collect(engine="streaming")
     )
     missing = frame.filter(pl.col("log_w_raw").is_null())
@@ -125,10 +127,11 @@ def candidate_summary(paired: pl.DataFrame, config: RunConfig) -> dict[str, Any]
         paired["log_w_raw"].to_numpy(), weights.mode, weights.clip_threshold
     )
     paired = paired.with_columns(log_w=pl.Series(log_w))
-    row = entropy_estimates(paired, entropy.unit, entropy.length_normalize_deltah1)
+    sums = prompt_sums(paired)
+    row = entropy_estimates(paired, entropy.unit, entropy.length_normalize_deltah1, sums)
     row.update(weight_diagnostics)
     intervals = cluster_bootstrap(
-        prompt_sums(paired),
+        sums,
         entropy.unit,
         entropy.length_normalize_deltah1,
         uncertainty.replicates,
