@@ -247,7 +247,7 @@ def _redo(folder: Path, plan: _Plan, stage: str, shard_sizes: list[int], schema:
         problem = shard_problem(folder / part_name(index), schema, plan.fingerprint(stage), rows)
         if problem is not None:
             if problem != "missing":
-                _log(f"  {stage}: shard {index} is {problem}; redoing it")
+                _log(f"  {stage}: {folder.name}/{part_name(index)} is {problem}; redoing it")
             todo.append(index)
     return todo
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +221,19 @@ def test_weight_warnings_reach_summary_and_terminal(
     assert f"WARNING {warning}" in printed
     assert "Pareto k-hat" in printed
     assert summary["statistics_options"]["weights"]["mode"] == "psis"
+
+
+def test_stats_loads_no_model_library(demo_run: Path, tmp_path: Path) -> None:
+    """`stats` re-runs offline: neither vLLM nor torch is imported."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run, run_dir)
+    check = (
+        "import sys; from pipeline.cli import main; "
+        f"code = main(['stats', {str(run_dir)!r}, 'entropy.unit=per_token']); "
+        "assert code == 0; "
+        "assert not {'vllm', 'torch', 'transformers'} & set(sys.modules), sorted(sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr

@@ -149,7 +149,7 @@ def test_damaged_shards_and_leftover_temporaries(
     capsys.readouterr()
     assert _run(run_dir) == 0
     err = capsys.readouterr().err
-    assert "sample: shard 3 is unreadable" in err
+    assert "sample: samples/part-00003.parquet is unreadable" in err
     assert f"removed a temporary file left by an interrupted run: {leftover}" in err
     assert_same_run(run_dir, uninterrupted)
 
