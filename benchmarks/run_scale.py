@@ -22,8 +22,14 @@ For each size N:
    attributed to the phase it was in (start-up, sample, score/<model>, stats), read
    from its manifest; these per-phase peaks are lower bounds.
 4. Reads the run's ``manifest.json`` (seconds of each stage) and ``summary.json``
-   (sequences, mean generated length), prints a table and writes it, with the machine,
-   load and library versions, to ``--results``.
+   (sequences, mean generated length), writes the RSS timeline to
+   ``WORKDIR/logs/run-N.rss.tsv`` and takes each phase's peak RSS by quarter of its
+   shards (memory that accumulates shard after shard shows there as rising peaks).
+5. Runs ``entropy-pipeline stats WORKDIR/run-N`` once more in a fresh process and
+   measures it the same way: the statistics stage's own memory, without the engines'.
+
+Then prints the tables and writes them, with the machine, load and library versions,
+to ``--results``.
 
 The engine runs in the benchmarked process, so peak RSS covers model weights, the
 KV cache (``engine.kv_cache_memory_bytes``), the prompts, one shard's samples and
@@ -49,7 +55,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stats_scale import cpu_model, memory_total_gib, pipeline_revision
+from stats_scale import cpu_model, measure, memory_total_gib, pipeline_revision
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -74,6 +80,8 @@ class RunMeasurement:
     disk_bytes: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     phase_peak_rss: dict[str, int] = field(default_factory=dict)
+    shard_quarters: dict[str, list[int]] = field(default_factory=dict)
+    stats_alone: tuple[float, int, int] | None = None  # wall s, peak RSS, exit code
     stderr_tail: str = ""
 
     @property
@@ -122,34 +130,82 @@ def _rss_bytes(pid: int) -> int | None:
     return None
 
 
-def _phase(manifest: Path) -> str | None:
-    """The stage the run is in, from its manifest (None while it cannot be read).
+def _phase(run_dir: Path) -> tuple[str, int, int] | None:
+    """The stage the run is in, its shard count and shards done (None if unreadable).
 
     Before the manifest exists the run is starting up; then it is in the first stage
     of its ``inputs`` (sample, score/<model>, ...) that ``stages`` does not record as
     done, so each phase covers the same span as the manifest's seconds of that stage;
-    once every stage is done, it computes statistics.
+    once every stage is done, it computes statistics. Shards done: the stage's part
+    files written so far.
     """
+    manifest = run_dir / "manifest.json"
     if not manifest.exists():
-        return STARTUP
+        return STARTUP, 0, 0
     try:
         content = json.loads(manifest.read_text())
     except (OSError, ValueError):
         return None
     done = content.get("stages", {})
-    return next((stage for stage in content.get("inputs", {}) if stage not in done), STATS)
+    phase = next((stage for stage in content.get("inputs", {}) if stage not in done), STATS)
+    if phase == "sample":
+        folder = run_dir / "samples"
+    elif phase.startswith("score/"):
+        folder = run_dir / "scores" / phase.removeprefix("score/")
+    else:
+        return phase, 0, 0
+    return phase, content.get("shards", 0), len(list(folder.glob("part-*.parquet")))
 
 
-def _watch(pid: int, manifest: Path, interval: float, stop: threading.Event) -> dict[str, int]:
-    """Largest sampled RSS of ``pid`` in each phase, until ``stop`` is set."""
-    peaks: dict[str, int] = {}
-    phase = STARTUP
+# Seconds since start, phase, shards in the run, shards of the phase done, RSS bytes.
+Sample = tuple[float, str, int, int, int]
+
+
+def _watch(
+    pid: int, run_dir: Path, interval: float, stop: threading.Event, timeline: list[Sample]
+) -> None:
+    """Append RSS samples of ``pid`` (see ``Sample``) to ``timeline`` until ``stop`` is set."""
+    started = time.perf_counter()
+    state = (STARTUP, 0, 0)
     while not stop.wait(interval):
         rss = _rss_bytes(pid)
-        phase = _phase(manifest) or phase
+        state = _phase(run_dir) or state
         if rss is not None:
-            peaks[phase] = max(peaks.get(phase, 0), rss)
+            timeline.append((time.perf_counter() - started, *state, rss))
+
+
+def phase_peaks(timeline: list[Sample]) -> dict[str, int]:
+    """Largest sampled RSS of each phase."""
+    peaks: dict[str, int] = {}
+    for _, phase, _, _, rss in timeline:
+        peaks[phase] = max(peaks.get(phase, 0), rss)
     return peaks
+
+
+def shard_quarters(timeline: list[Sample]) -> dict[str, list[int]]:
+    """Peak RSS of each phase of 4 or more shards, by quarter of its shards.
+
+    Parameters
+    ----------
+    timeline : list of Sample
+        RSS samples of one run.
+
+    Returns
+    -------
+    dict
+        Phase -> four peaks (bytes): while working on the first quarter of the shards
+        (shard 1 includes loading the engine where the phase does), the second, the
+        third and the last. A working set that is the same for every shard gives four
+        close numbers; memory that accumulates shard after shard, rising ones.
+    """
+    quarters: dict[str, list[int]] = {}
+    for _, phase, shards, done, rss in timeline:
+        if shards < 4:
+            continue
+        quarter = min(done, shards - 1) * 4 // shards
+        peaks = quarters.setdefault(phase, [0, 0, 0, 0])
+        peaks[quarter] = max(peaks[quarter], rss)
+    return quarters
 
 
 def measure_run(
@@ -159,7 +215,7 @@ def measure_run(
     stderr: Path,
     timeout: float | None,
     interval: float,
-) -> tuple[float, float, int, int, dict[str, int]]:
+) -> tuple[float, float, int, int, list[Sample]]:
     """Run ``command`` to completion in a fresh process from the repository root.
 
     Parameters
@@ -177,19 +233,18 @@ def measure_run(
 
     Returns
     -------
-    tuple of (float, float, int, int, dict)
+    tuple of (float, float, int, int, list)
         Wall seconds, CPU seconds (user + system), peak RSS in bytes (the child's
-        ``ru_maxrss``), the exit code, and the largest sampled RSS of each phase.
+        ``ru_maxrss``), the exit code, and the RSS samples (see ``Sample``).
     """
-    peaks: dict[str, int] = {}
+    timeline: list[Sample] = []
     stop = threading.Event()
     with stdout.open("wb") as out, stderr.open("wb") as err:
         started = time.perf_counter()
         child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
         watcher = threading.Thread(
-            target=lambda: peaks.update(
-                _watch(child.pid, run_dir / "manifest.json", interval, stop)
-            ),
+            target=_watch,
+            args=(child.pid, run_dir, interval, stop, timeline),
             daemon=True,
         )
         watcher.start()
@@ -206,7 +261,7 @@ def measure_run(
         watcher.join()
     child.returncode = os.waitstatus_to_exitcode(status)
     # Linux reports ru_maxrss in KiB.
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, child.returncode, peaks
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, child.returncode, timeline
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -320,30 +375,57 @@ def child_command(args: argparse.Namespace, count: int) -> list[str]:
     ]
 
 
+def quarters_table(measurements: list[RunMeasurement]) -> list[str]:
+    """Markdown table: peak RSS of each phase by quarter of its shards."""
+    rows = [
+        "| prompts | phase | shards | peak RSS by quarter of the shards: 1st / 2nd / 3rd / "
+        "4th (MiB) | 4th - 2nd (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for m in measurements:
+        for phase, peaks in m.shard_quarters.items():
+            rows.append(
+                f"| {m.prompts:,} | {phase} | {m.shards} | "
+                + " / ".join(_mib(p) for p in peaks)
+                + f" | {(peaks[3] - peaks[1]) / MIB:+,.0f} |"
+            )
+    return rows
+
+
+def stats_alone_table(measurements: list[RunMeasurement]) -> list[str]:
+    """Markdown table: ``entropy-pipeline stats`` of each finished run, on its own."""
+    rows = ["| prompts | sequences | wall (s) | peak RSS (MiB) | exit |", "|---|---|---|---|---|"]
+    for m in measurements:
+        if m.stats_alone is not None:
+            wall, rss, code = m.stats_alone
+            rows.append(f"| {m.prompts:,} | {m.sequences:,} | {wall:,.1f} | {_mib(rss)} | {code} |")
+    return rows
+
+
 def reading(measurements: list[RunMeasurement]) -> list[str]:
     """Plain figures for the reading of the results: growth of peak RSS with N."""
     ok = [m for m in measurements if m.returncode == 0]
     if len(ok) < 2:
-        return ["Fewer than two successful runs: no growth to read."]
-    small, large = ok[0], ok[-1]
-    grow = large.peak_rss_bytes - small.peak_rss_bytes
-    factor = large.prompts / small.prompts
-    lines = [
-        f"- From {small.prompts:,} to {large.prompts:,} prompts ({factor:,.0f}x), peak RSS "
-        f"went from {_mib(small.peak_rss_bytes)} to {_mib(large.peak_rss_bytes)} MiB "
-        f"({grow / MIB:+,.0f} MiB, {grow / small.peak_rss_bytes:+.1%}), i.e. "
-        f"{grow / (large.sequences - small.sequences):,.0f} bytes per extra sequence.",
-        f"- Wall time went from {small.wall_s:,.1f} s to {large.wall_s:,.1f} s; "
-        f"throughput from {small.sequences_per_second:,.1f} to "
-        f"{large.sequences_per_second:,.1f} sequences/s.",
-    ]
-    phases = [n for n in stage_names(ok) if n in small.phase_peak_rss and n in large.phase_peak_rss]
-    if phases:
+        return ["- Fewer than two successful runs: no growth to read."]
+    lines = []
+    for small, large in itertools.pairwise(ok):
+        grow = large.peak_rss_bytes - small.peak_rss_bytes
+        phases = [
+            n for n in stage_names(ok) if n in small.phase_peak_rss and n in large.phase_peak_rss
+        ]
         growth = ", ".join(
-            f"{n} {(large.phase_peak_rss[n] - small.phase_peak_rss[n]) / MIB:+,.0f} MiB"
-            for n in phases
+            f"{n} {(large.phase_peak_rss[n] - small.phase_peak_rss[n]) / MIB:+,.0f}" for n in phases
         )
-        lines.append(f"- Growth of the sampled peak RSS per phase: {growth}.")
+        lines.append(
+            f"- {small.prompts:,} -> {large.prompts:,} prompts "
+            f"({large.prompts / small.prompts:,.0f}x; {small.shards} -> {large.shards} "
+            f"shards): peak RSS {_mib(small.peak_rss_bytes)} -> "
+            f"{_mib(large.peak_rss_bytes)} MiB ({grow / MIB:+,.0f} MiB, "
+            f"{grow / small.peak_rss_bytes:+.1%}; "
+            f"{grow / (large.sequences - small.sequences):,.0f} bytes per extra sequence); "
+            f"sampled peak per phase (MiB): {growth}; wall {small.wall_s:,.1f} -> "
+            f"{large.wall_s:,.1f} s, CPU {small.cpu_s:,.1f} -> {large.cpu_s:,.1f} s."
+        )
     return lines
 
 
@@ -409,6 +491,29 @@ def write_results(
         f"its seconds ({STARTUP}: imports, tokenizers, reading and tokenizing the "
         "prompts, before the manifest is written). Sampled values are lower bounds of "
         "the exact peak above.",
+        "",
+    ]
+    lines += [
+        "### Does memory accumulate shard after shard?",
+        "",
+        *quarters_table(measurements),
+        "",
+        "Largest sampled RSS of each phase while it worked on the first, second, third "
+        "and last quarter of its shards (runs of 4 shards or more; the shard in work "
+        "is the count of the stage's part files written so far). The first quarter "
+        "includes loading the engine where the phase does, so compare the 2nd with the "
+        "4th: a working set that is the same for every shard gives close numbers, "
+        "memory that accumulates shard after shard rising ones. RSS timelines: "
+        "`WORKDIR/logs/run-N.rss.tsv`.",
+        "",
+        "### The statistics stage on its own",
+        "",
+        *stats_alone_table(measurements),
+        "",
+        "`entropy-pipeline stats WORKDIR/run-N` on each finished run, in a fresh "
+        "process (no model loaded), measured like the runs: what the stats stage "
+        "itself needs, which inside `run` is hidden under the memory the engines "
+        "leave behind.",
         "",
     ]
     if failures:
@@ -504,10 +609,22 @@ def main(argv: list[str] | None = None) -> int:
             f"run: {count} prompts (load {os.getloadavg()[0]:.2f}) ...", file=sys.stderr, flush=True
         )
         out, err = logs / f"run-{count}.out", logs / f"run-{count}.err"
-        wall, cpu, rss, code, phases = measure_run(
+        wall, cpu, rss, code, timeline = measure_run(
             child_command(args, count), run_dir, out, err, args.timeout, args.interval
         )
-        m = RunMeasurement(count, wall, cpu, rss, code, phase_peak_rss=phases)
+        (logs / f"run-{count}.rss.tsv").write_text(
+            "seconds\tphase\tshards\tshards_done\trss_bytes\n"
+            + "".join(f"{t:.2f}\t{phase}\t{n}\t{done}\t{b}\n" for t, phase, n, done, b in timeline)
+        )
+        m = RunMeasurement(
+            count,
+            wall,
+            cpu,
+            rss,
+            code,
+            phase_peak_rss=phase_peaks(timeline),
+            shard_quarters=shard_quarters(timeline),
+        )
         if code == 0:
             read_run(run_dir, m)
         else:
@@ -521,6 +638,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         if code != 0:
             print(m.stderr_tail, file=sys.stderr)
+        else:
+            stats_command = [child_command(args, count)[0], "stats", str(run_dir)]
+            s_wall, _, s_rss, s_code = measure(
+                stats_command, logs / f"stats-{count}.out", logs / f"stats-{count}.err", None
+            )
+            m.stats_alone = (s_wall, s_rss, s_code)
+            print(
+                f"stats alone: {s_wall:,.1f} s wall, peak RSS {s_rss / MIB:,.0f} MiB, "
+                f"exit {s_code}",
+                file=sys.stderr,
+                flush=True,
+            )
         if args.cleanup:
             shutil.rmtree(run_dir, ignore_errors=True)
             prompts.unlink(missing_ok=True)
@@ -529,6 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(results_table(measurements)))
     print()
     print("\n".join(stages_table(measurements)))
+    print()
+    print("\n".join(quarters_table(measurements)))
+    print()
+    print("\n".join(stats_alone_table(measurements)))
     print()
     print("\n".join(reading(measurements)))
     write_results(args.results, args, measurements, context)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +37,11 @@ _ENVIRONMENT_DEFAULTS = {
 def _configure_environment() -> None:
     for key, value in _ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # vLLM's kernel registry touches a deprecated torch attribute while scanning
+    # modules; the warning is about vLLM's code, not the user's, so keep it off screen.
+    warnings.filterwarnings(
+        "ignore", message="`torch.distributed.reduce_op` is deprecated", category=FutureWarning
+    )
 
 
 @contextmanager
