@@ -35,7 +35,6 @@ Distributions (all drawn with NumPy, part by part, so memory stays bounded):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from _common import argument_parser
 
 from pipeline.artifacts import (
     MANIFEST,
@@ -337,19 +337,8 @@ def make_run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line of the generator.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line of the generator; return the exit status."""
+    parser = argument_parser(__doc__)
     parser.add_argument("out_dir", type=Path, help="run directory to create (empty or absent)")
     parser.add_argument("--sequences", type=int, required=True, help="number of sequences N")
     parser.add_argument("--samples-per-prompt", type=int, default=8, help="G (default 8)")

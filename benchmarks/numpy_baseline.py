@@ -28,7 +28,6 @@ scored exactly once). Prints one JSON object (the estimates, under the same name
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -41,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from _common import argument_parser
 
 KEYS = ["prompt_id", "sample_idx"]
 SORT_KEYS = [("prompt_id", "ascending"), ("sample_idx", "ascending")]
@@ -406,19 +406,8 @@ def compute(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line of the baseline: print the figures as JSON.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line of the baseline: print the figures as JSON; return the exit status."""
+    parser = argument_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--replicates", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")

