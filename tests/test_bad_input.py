@@ -125,7 +125,7 @@ def test_crash_mid_run_leaves_no_summary_and_stats_refuses(
     shutil.copytree(TINY_P0, broken)
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     run_dir = tmp_path / "run"
-    code = run_cli(
+    args = (
         "run",
         "--config",
         DEFAULT_CONFIG,
@@ -135,7 +135,7 @@ def test_crash_mid_run_leaves_no_summary_and_stats_refuses(
         "prompts.limit=3",
         "sampling.num_samples=2",
     )
-    assert code == 2
+    assert run_cli(*args) == 2
     assert "model 'p1': vLLM could not load" in capsys.readouterr().err
     assert (run_dir / "samples" / "part-00000.parquet").exists()
     assert not (run_dir / "summary.json").exists()
@@ -146,17 +146,7 @@ def test_crash_mid_run_leaves_no_summary_and_stats_refuses(
     # Resuming with the model repaired redoes only p1's scores and completes the run.
     shutil.copy(TINY_P0 / "model.safetensors", broken / "model.safetensors")
     samples_before = (run_dir / "samples" / "part-00000.parquet").stat().st_mtime_ns
-    code = run_cli(
-        "run",
-        "--config",
-        DEFAULT_CONFIG,
-        "--out",
-        run_dir,
-        f"models.p1.path={broken}",
-        "prompts.limit=3",
-        "sampling.num_samples=2",
-    )
-    assert code == 0
+    assert run_cli(*args) == 0
     assert (run_dir / "samples" / "part-00000.parquet").stat().st_mtime_ns == samples_before
     assert json.loads((run_dir / "summary.json").read_text())["delta_H_nats"] == 0.0
 
