@@ -36,12 +36,12 @@ KEYS = ["prompt_id", "sample_idx"]
 
 
 def _model_scores(run_dir: Path, model: str, tag: str, include_eos: bool) -> pl.LazyFrame:
-    """Full-sequence sum, and integrand sum and length, of one model's scores."""
+    """Keys, full-sequence sum, and integrand sum and length of one model's scores."""
     ended_by_stop = pl.col("finish_reason") == "stop"
     drop_last = ended_by_stop & (not include_eos)
     last_logprob = pl.col("token_logprobs").list.last().cast(pl.Float64)
     return scan(scores_dir(run_dir, model), SEQUENCE_SCHEMA).select(
-        *KEYS,
+        *(pl.col(key).alias(f"{key}{tag}") for key in KEYS),
         pl.col("S").alias(f"S{tag}_full"),
         (pl.col("S") - pl.when(drop_last).then(last_logprob).otherwise(0.0)).alias(f"S{tag}"),
         (pl.col("L") - drop_last.cast(pl.Int32)).alias(f"L{tag}"),
@@ -51,36 +51,49 @@ def _model_scores(run_dir: Path, model: str, tag: str, include_eos: bool) -> pl.
 def paired_frame(run_dir: Path, reference: str, candidate: str, include_eos: bool) -> pl.DataFrame:
     """One row per sequence: ``log_w_raw``, ``S0``, ``S1``, ``L`` (see estimators).
 
-    Refuses score files that do not cover exactly the sampled sequences.
+    The score stage writes each model's shard row for row in the order of the samples
+    shard, so the three tables are put side by side instead of joined (a join on the
+    string keys held ~300 bytes per sequence); the keys are compared row by row, and
+    score files that do not cover exactly the sampled sequences, in order, are refused.
+    The shard order is fixed, so every sum, and so every figure, is reproducible bit
+    for bit.
     """
     sampled = scan(samples_dir(run_dir), SEQUENCE_SCHEMA).select(KEYS)
+    aligned = pl.lit(True)
+    for tag in ("0", "1"):
+        for key in KEYS:
+            aligned = aligned & (pl.col(key) == pl.col(f"{key}{tag}"))
     frame = (
-        sampled.join(_model_scores(run_dir, reference, "0", include_eos), on=KEYS, how="left")
-        .join(_model_scores(run_dir, candidate, "1", include_eos), on=KEYS, how="left")
+        pl.concat(
+            [
+                sampled,
+                _model_scores(run_dir, reference, "0", include_eos),
+                _model_scores(run_dir, candidate, "1", include_eos),
+            ],
+            how="horizontal",
+        )
         .select(
             *KEYS,
+            aligned=aligned.fill_null(False),
             log_w_raw=pl.col("S1_full") - pl.col("S0_full"),
             S0="S0",
             S1="S1",
             L="L0",
         )
-        # A fixed row order makes every sum, and so every figure, reproducible bit for bit.
-        .sort(KEYS)
         # Streaming: the list columns are read in batches and reduced to scalars, so
-        # the per-token log-probs are never all in memory. The joins on the string keys
-        # still hold about 300 bytes per sequence (3.1 GiB at 10 M sequences, see
-        # benchmarks/RESULTS.md).
+        # the per-token log-probs are never all in memory.
         .collect(engine="streaming")
     )
-    missing = frame.filter(pl.col("log_w_raw").is_null())
-    if missing.height:
-        first = missing.row(0, named=True)
+    misaligned = frame.filter(~pl.col("aligned"))
+    if misaligned.height:
+        first = misaligned.row(0, named=True)
         raise PipelineError(
-            f"{missing.height} sampled sequence(s) have no score under {reference!r} or "
-            f"{candidate!r} (first: prompt {first['prompt_id']!r}, sample "
-            f"{first['sample_idx']}); the score stage did not finish for this run."
+            f"{misaligned.height} sampled sequence(s) have no score, or a score out of "
+            f"order, under {reference!r} or {candidate!r} (first: prompt "
+            f"{first['prompt_id']!r}, sample {first['sample_idx']}); the score stage did "
+            "not finish for this run. Re-run `entropy-pipeline run --out` on it."
         )
-    return frame
+    return frame.drop("aligned")
 
 
 def generation_diagnostics(run_dir: Path, reference: str) -> dict[str, Any]:
@@ -91,19 +104,19 @@ def generation_diagnostics(run_dir: Path, reference: str) -> dict[str, Any]:
     """
     samples = scan(samples_dir(run_dir), SEQUENCE_SCHEMA)
     prefill = scan(scores_dir(run_dir, reference), SEQUENCE_SCHEMA).select(
-        *KEYS, pl.col("token_logprobs").alias("prefill")
+        pl.col("token_logprobs").alias("prefill")
     )
-    per_token = (
-        samples.select(*KEYS, pl.col("token_logprobs").alias("decode"))
-        .join(prefill, on=KEYS)
-        .select(
-            (pl.col("decode") - pl.col("prefill"))
-            .list.eval(pl.element().abs())
-            .list.max()
-            .max()
-            .cast(pl.Float64)
-            .alias("diff")
-        )
+    # Row for row, as in paired_frame (which checks that the keys line up).
+    per_token = pl.concat(
+        [samples.select(pl.col("token_logprobs").alias("decode")), prefill],
+        how="horizontal",
+    ).select(
+        (pl.col("decode") - pl.col("prefill"))
+        .list.eval(pl.element().abs())
+        .list.max()
+        .max()
+        .cast(pl.Float64)
+        .alias("diff")
     )
     row = (
         samples.select(
