@@ -5,10 +5,9 @@ Usage::
     python benchmarks/profile_stats.py RUN_DIR [--replicates 1000]
 
 Runs the steps of ``pipeline.stats.summary.compute_summary`` one by one, in its order
-and with the run's statistics options, for the first candidate: the paired frame,
-the weights, the point estimates (which build ``prompt_sums`` once), ``prompt_sums``
-again for the bootstrap, the bootstrap, and the generation diagnostics (the
-per-token decode-vs-prefill query and the sample counts separately). A thread samples
+and with the run's statistics options, for the first candidate, calling the
+pipeline's own functions: the paired frame, the weights, ``prompt_sums``, the point
+estimates, the bootstrap, and the generation diagnostics. A thread samples
 the process's RSS every 20 ms; each step reports its seconds, the RSS after it and
 the peak RSS while it ran. Nothing is written into the run directory.
 """
@@ -27,10 +26,10 @@ import polars as pl
 import psutil
 from _common import MIB, argument_parser
 
-from pipeline.artifacts import SEQUENCE_SCHEMA, read_manifest, samples_dir, scan, scores_dir
+from pipeline.artifacts import read_manifest
 from pipeline.config import validate_config
 from pipeline.stats.estimators import entropy_estimates, prompt_sums
-from pipeline.stats.summary import KEYS, paired_frame
+from pipeline.stats.summary import generation_diagnostics, paired_frame
 from pipeline.stats.uncertainty import cluster_bootstrap
 from pipeline.stats.weights import stabilise_log_weights
 
@@ -59,43 +58,6 @@ class PeakSampler:
         """End sampling."""
         self._stop.set()
         self._thread.join()
-
-
-def decode_vs_prefill(run_dir: Path, reference: str) -> float:
-    """The per-token query of ``generation_diagnostics`` (same expression)."""
-    samples = scan(samples_dir(run_dir), SEQUENCE_SCHEMA)
-    prefill = scan(scores_dir(run_dir, reference), SEQUENCE_SCHEMA).select(
-        *KEYS, pl.col("token_logprobs").alias("prefill")
-    )
-    return (
-        samples.select(*KEYS, pl.col("token_logprobs").alias("decode"))
-        .join(prefill, on=KEYS)
-        .select(
-            (pl.col("decode") - pl.col("prefill"))
-            .list.eval(pl.element().abs())
-            .list.max()
-            .max()
-            .cast(pl.Float64)
-        )
-        .collect(engine="streaming")
-        .item()
-    )
-
-
-def sample_counts(run_dir: Path) -> dict[str, Any]:
-    """The per-sequence part of ``generation_diagnostics`` (same expressions)."""
-    return (
-        scan(samples_dir(run_dir), SEQUENCE_SCHEMA)
-        .select(
-            num_prompts=pl.col("prompt_id").n_unique(),
-            num_sequences=pl.len(),
-            avg_gen_length=pl.col("L").mean(),
-            fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
-            fraction_ended_by_length=(pl.col("finish_reason") == "length").mean(),
-        )
-        .collect(engine="streaming")
-        .row(0, named=True)
-    )
 
 
 def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
@@ -140,7 +102,7 @@ def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
         return result
 
     state["paired"] = step(
-        "paired_frame (scan, 2 joins, sort, streaming collect)",
+        "paired_frame (scan, side by side, streaming collect)",
         lambda: paired_frame(run_dir, reference, candidate, entropy.include_eos),
     )
     log_w, _ = step(
@@ -150,11 +112,13 @@ def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
         ),
     )
     state["paired"] = state["paired"].with_columns(log_w=pl.Series(log_w))
+    state["sums"] = step("prompt_sums", lambda: prompt_sums(state["paired"]))
     step(
-        "entropy_estimates (prompt_sums #1, log-weight median)",
-        lambda: entropy_estimates(state["paired"], entropy.unit, entropy.length_normalize_deltah1),
+        "entropy_estimates (from the sums; log-weight median)",
+        lambda: entropy_estimates(
+            state["paired"], entropy.unit, entropy.length_normalize_deltah1, state["sums"]
+        ),
     )
-    state["sums"] = step("prompt_sums #2 (for the bootstrap)", lambda: prompt_sums(state["paired"]))
     step(
         f"cluster_bootstrap ({replicates} replicates)",
         lambda: cluster_bootstrap(
@@ -167,10 +131,9 @@ def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
         ),
     )
     state.clear()
-    step("generation_diagnostics: sample counts", lambda: sample_counts(run_dir))
     step(
-        "generation_diagnostics: decode vs prefill (join of list columns)",
-        lambda: decode_vs_prefill(run_dir, reference),
+        "generation_diagnostics (counts; decode vs prefill, side by side)",
+        lambda: generation_diagnostics(run_dir, reference),
     )
     sampler.stop()
     return steps
