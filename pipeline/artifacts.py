@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import socket
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, naming
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -124,7 +126,10 @@ def scores_dir(run_dir: Path, model: str) -> Path:
 
 
 def _temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Unique per host and process: two writers of one path (on a shared file system,
+    # or a lock-breaking mistake) never write into each other's temporary file.
+    host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())
+    return path.with_name(f".{path.name}.tmp-{host}-{os.getpid()}")
 
 
 def _replace_durably(temporary: Path, path: Path) -> None:
@@ -190,11 +195,17 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
+    """Write ``data`` as indented JSON to ``path`` atomically.
+
+    Strict JSON: a NaN or infinity is refused (``ValueError``) rather than written as
+    the non-standard ``NaN`` that other readers reject.
+    """
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     temporary = _temporary_name(path)
     try:
-        temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-        _replace_durably(temporary, path)
+        with naming(path):
+            temporary.write_text(text)
+            _replace_durably(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -254,15 +265,32 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The manifest of ``run_dir``; refuses a folder that is not a run directory."""
+def read_manifest(run_dir: Path, any_version: bool = False) -> dict[str, Any]:
+    """The manifest of ``run_dir``; refuses a folder that is not a run directory.
+
+    A manifest that is not a JSON object (truncated, edited, overwritten) is refused
+    with one line naming it. ``any_version`` accepts every schema version, for readers
+    of the fields all versions share (``status``, ``config_hash``, ``started_at``).
+    """
     path = run_dir / MANIFEST
     if not path.is_file():
         raise PipelineError(
             f"{run_dir} is not a run directory: it has no {MANIFEST}. Pass the folder "
             "that `entropy-pipeline run` wrote."
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        manifest, problem = None, f"not valid JSON ({err})"
+    else:
+        problem = "not a JSON object"
+    if not isinstance(manifest, dict):
+        raise PipelineError(
+            f"{path} is damaged: {problem}. It is written atomically, so something else "
+            "changed it; restore it from a backup or start a new run directory."
+        )
+    if any_version:
+        return manifest
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise PipelineError(
             f"{path} has schema version {manifest.get('schema_version')}, expected "
