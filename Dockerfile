@@ -3,26 +3,27 @@
 # both engines behave alike. Its entry point (the OpenAI server) is replaced below.
 FROM vllm/vllm-openai:v0.32.0
 
-WORKDIR /app
 ENV PYTHONUNBUFFERED=1
 
-# Stage 1 of the install: the dependencies alone, from pyproject.toml, with an empty
-# package standing in for the source, so editing the source reuses this layer. The
-# gpu extra's vllm==0.32.0 is already satisfied by the base image; it adds peft.
-# (DL3013 is ignored: '.[gpu]' is this project, whose pins live in pyproject.toml.)
+# Stage 1 of the install: the dependencies alone, read from pyproject.toml (the base
+# dependencies and the gpu extra), so editing the source reuses this layer. The gpu
+# extra's vllm==0.32.0 is already satisfied by the base image; it adds peft.
+WORKDIR /src
 COPY pyproject.toml README.md ./
-# hadolint ignore=DL3013
-RUN mkdir pipeline && touch pipeline/__init__.py \
-    && pip install --no-cache-dir '.[gpu]' \
-    && pip uninstall -y entropy-pipeline \
-    && rm -r pipeline
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > requirements.txt \
+    && pip install --no-cache-dir -r requirements.txt
 
-# Stage 2: the package itself, its configs, the shipped prompts and tiny models.
+# Stage 2: the package itself. The wheel carries the shipped configs, demo prompts and
+# tiny models (pipeline/_resources), so the image needs no copy of the source tree to run.
 COPY pipeline ./pipeline
 COPY configs ./configs
 COPY data ./data
 RUN pip install --no-cache-dir --no-deps .
 
 # Runs land in /app/runs: mount a volume there to keep them.
+WORKDIR /app
 ENTRYPOINT ["entropy-pipeline"]
-CMD ["run", "--config", "configs/gpu.yaml"]
+# `--config gpu` names the shipped config for a CUDA GPU (configs/gpu.yaml, installed
+# with the package); pass another command or config after the image name to override.
+CMD ["run", "--config", "gpu"]

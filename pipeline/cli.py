@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from pipeline import __version__
+from pipeline.config import STATS_SECTIONS
 from pipeline.errors import PipelineError
 
 _EPILOG_RUN = """examples:
@@ -25,6 +27,32 @@ _EPILOG_HISTORY = """examples:
 _EPILOG_STATS = """examples:
   entropy-pipeline stats runs/try entropy.unit=per_token entropy.include_eos=false
 """
+_EPILOG_CONFIG = """examples:
+  entropy-pipeline config                          # the default config, resolved
+  entropy-pipeline config --config gpu engine.enforce_eager=true > my.yaml
+  entropy-pipeline config --reference              # every setting: type, default, meaning
+"""
+
+
+def _config_file(value: str) -> Path:
+    """``--config``: a YAML file, or the name of a shipped config (``default``, ``gpu``)."""
+    from pipeline.resources import config_argument
+
+    try:
+        return config_argument(value)
+    except PipelineError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _settings_help(sections: tuple[str, ...] | None = None) -> str:
+    """The settings (all, or those of ``sections``) with their descriptions, for --help."""
+    from pipeline.config_reference import options_help
+
+    return "\nsettings (key=value; `entropy-pipeline config --reference` as a table):\n" + (
+        options_help(sections)
+    )
+
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,19 +62,19 @@ def _parser() -> argparse.ArgumentParser:
         "entropy: sample from p0 with vLLM, teacher-force under p0 and p1, estimate "
         "H(p0), H(p1) and delta H by self-normalised importance sampling.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser(
         "run",
         help="sample, score and compute statistics into a run directory",
-        epilog=_EPILOG_RUN,
+        epilog=_EPILOG_RUN + _settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument(
-        "--config",
-        type=Path,
-        default=None,
-        help="YAML config (default: configs/default.yaml, the embedded demo)",
+    config_help = (
+        "YAML config file, or the name of a shipped config: default (the embedded "
+        "demo, used when --config is left out), gpu, enumerable"
     )
+    run.add_argument("--config", type=_config_file, default=None, help=config_help)
     run.add_argument(
         "--out",
         type=Path,
@@ -68,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats",
         help="recompute summary.json of a finished run with other statistics options",
-        epilog=_EPILOG_STATS,
+        epilog=_EPILOG_STATS + _settings_help(STATS_SECTIONS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     stats.add_argument("run_dir", type=Path, help="a run directory written by `run`")
@@ -98,7 +126,47 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--json", action="store_true", help="print summary.json instead of the table"
         )
+    config = commands.add_parser(
+        "config",
+        help="print the resolved config as YAML, or with --reference every setting",
+        epilog=_EPILOG_CONFIG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    config.add_argument("--config", type=_config_file, default=None, help=config_help)
+    config.add_argument(
+        "--reference",
+        action="store_true",
+        help="print every setting (key, type, default, meaning) as a Markdown table",
+    )
+    config.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, applied as `run` applies them",
+    )
     return parser
+
+
+def _print_config(config_file: Path | None, overrides: list[str], reference: bool) -> int:
+    """Print the resolved config as YAML (with its hash), or the settings reference."""
+    if reference:
+        from pipeline.config_reference import reference_table
+
+        print(reference_table(), end="")
+        return 0
+    import yaml
+
+    from pipeline.config import DEFAULT_CONFIG, config_hash, load_config
+
+    try:
+        config = load_config(config_file, overrides)
+    except PipelineError as err:
+        print(f"entropy-pipeline: error: {err}", file=sys.stderr)
+        return 2
+    # Paths are printed resolved (absolute), so the output runs from any folder.
+    print(f"# resolved from {config_file or DEFAULT_CONFIG}; config hash {config_hash(config)}")
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
 
 
 def _history(runs_root: Path, table: Path | None, plot: Path | None) -> int:
@@ -125,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "history":
         return _history(args.runs_root, args.table, args.plot)
+    if args.command == "config":
+        return _print_config(args.config, args.overrides, args.reference)
     run_dir = getattr(args, "out", None)
     try:
         if args.command == "run":
