@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from pipeline import __version__
 from pipeline.config import STATS_SECTIONS
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, environment_problem
 
 _EPILOG_RUN = """examples:
   entropy-pipeline run
@@ -144,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="key.sub=value",
         help="config overrides, applied as `run` applies them",
     )
+    debug_help = "on an error, print the traceback as well as the one-line message"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for sub in commands.choices.values():
+        # Also after the command; SUPPRESS keeps a --debug given before the command.
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
@@ -171,24 +177,64 @@ def _print_config(config_file: Path | None, overrides: list[str], reference: boo
 
 def _history(runs_root: Path, table: Path | None, plot: Path | None) -> int:
     from pipeline.artifacts import write_table
-    from pipeline.history import format_history, gather_history, plot_history
+    from pipeline.history import check_output_path, format_history, gather_history, plot_history
 
-    try:
-        history = gather_history(runs_root)
-    except PipelineError as err:
-        print(f"entropy-pipeline: error: {err}", file=sys.stderr)
-        return 2
-    print(format_history(history))
     table = table or runs_root / "history.parquet"
-    write_table(history.to_arrow(), table, {"content": "history"})
-    plot = plot_history(history, plot or runs_root / "history.png")
+    plot = plot or runs_root / "history.png"
+    check_output_path(table, "--table")
+    check_output_path(plot, "--plot")
+    history = gather_history(runs_root)
+    for run_dir, reason in history.skipped:
+        print(f"entropy-pipeline: warning: skipped {run_dir}: {reason}.", file=sys.stderr)
+    if history.table.is_empty():
+        raise PipelineError(
+            f"none of the {len(history.skipped)} run(s) under {runs_root} can be shown "
+            "(reasons above)."
+        )
+    print(format_history(history.table))
+    write_table(history.table.to_arrow(), table, {"content": "history"})
+    plot_history(history.table, plot)
     print(f"\nhistory written to {table} and {plot}", file=sys.stderr)
     return 0
 
 
+def _report_error(err: Exception, debug: bool) -> int:
+    """Print ``err`` as one line (after its traceback with --debug); its exit status."""
+    if debug:
+        traceback.print_exception(err)
+    if isinstance(err, OSError):
+        err = environment_problem(err)
+    if isinstance(err, PipelineError):
+        message, status = str(err), err.exit_status
+    else:
+        lines = str(err).strip().splitlines()
+        message = f"unexpected {type(err).__name__}" + (f": {lines[0]}" if lines else "")
+        if not debug:
+            message += " (run the command again with --debug to see the traceback)"
+        status = 1
+    print(f"entropy-pipeline: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``entropy-pipeline`` console script."""
+    """Entry point of the ``entropy-pipeline`` console script.
+
+    Exit status: 0 success, 2 input error (config, prompts, models, run directory,
+    options), 1 environment error (full disk, permissions) or an unexpected error,
+    130 interrupted. Every error is one line on stderr; ``--debug`` adds the traceback.
+    """
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except KeyboardInterrupt:
+        print("\nentropy-pipeline: interrupted.", file=sys.stderr)
+        return 130
+    except Exception as err:  # every error ends as one line and an exit status
+        return _report_error(err, args.debug)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the parsed command; errors propagate to ``main``."""
     from pipeline.report import format_summary
 
     if args.command == "history":
@@ -201,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.config import load_config
             from pipeline.run import default_run_dir, run_pipeline
 
+            if args.out is not None and args.out.exists() and not args.out.is_dir():
+                raise PipelineError(
+                    f"--out {args.out} is a file; --out names a run directory (a new "
+                    "folder, or a run to resume)."
+                )
             config = load_config(args.config, args.overrides)
             run_dir = args.out or default_run_dir(config)
             summary = run_pipeline(config, run_dir, force=args.force)
@@ -209,9 +260,6 @@ def main(argv: list[str] | None = None) -> int:
 
             run_dir = args.run_dir
             summary = run_stats(run_dir, args.overrides)
-    except PipelineError as err:
-        print(f"entropy-pipeline: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "\nentropy-pipeline: interrupted. Finished shards are kept; resume with "

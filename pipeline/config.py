@@ -267,6 +267,41 @@ class RunConfig(_Closed):
         return [name for name in self.models if name != self.reference_model]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping key given twice.
+
+    PyYAML keeps the last of two equal keys without a word, so a setting written twice
+    in a long config silently takes the value the reader did not look at.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Construct a mapping after checking that no key is given twice."""
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` brings keys that this mapping may override
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is given twice (first on line {first}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: where, then what."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    return " ".join(str(err).split())
+
+
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``tree[a][b][c] = value`` for ``dotted == "a.b.c"``, creating sections."""
     keys = dotted.split(".")
@@ -289,7 +324,13 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
                 f"override {item!r} is not of the form key.sub=value "
                 "(for example entropy.unit=per_token)."
             )
-        parsed.append((key, yaml.safe_load(raw) if raw else ""))
+        try:
+            value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw else ""
+        except yaml.YAMLError as err:
+            raise PipelineError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)})."
+            ) from None
+        parsed.append((key, value))
     return parsed
 
 
@@ -306,33 +347,56 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
                     model[key] = str((base / model[key]).resolve())
 
 
+# Pydantic's JSON-mode words for a wrong structure, in the words of the YAML the user wrote.
+_YAML_WORDING = {
+    "extra_forbidden": "unknown key (check the spelling; see the README's config reference)",
+    "model_type": "Input should be a mapping of settings (key: value)",
+    "dict_type": "Input should be a mapping (name: settings)",
+    "list_type": "Input should be a list",
+}
+
+
 def validate_config(tree: dict[str, Any], source: str) -> RunConfig:
-    """Validate a config tree, turning pydantic's report into one readable error."""
+    """Validate a config tree, turning pydantic's report into one readable error.
+
+    The tree is validated as the JSON document it is, in pydantic's strict mode: an
+    integer setting refuses ``true`` and ``8.0``, a boolean refuses ``1``, a string
+    refuses a number (lax mode would read ``num_samples: true`` as 1). Integers are
+    still accepted for float settings. Values JSON cannot hold (a YAML date) are
+    passed as their text.
+    """
     try:
-        return RunConfig.model_validate(tree)
+        return RunConfig.model_validate_json(json.dumps(tree, default=str), strict=True)
     except ValidationError as err:
         problems = []
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-            message = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "extra_forbidden":
-                message = "unknown key (check the spelling; see the README's config reference)"
+            message = _YAML_WORDING.get(e["type"], e["msg"].removeprefix("Value error, "))
             received = (
                 "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"
             )
-            problems.append(f"  {where}: {message}{received}")
-        raise PipelineError(f"invalid config {source}:\n" + "\n".join(problems)) from None
+            problems.append(f"{where}: {message}{received}")
+        raise PipelineError(f"invalid config {source}: " + "; ".join(problems)) from None
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load YAML ``path`` (default ``configs/default.yaml``) and apply overrides."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    if path.is_dir():
+        raise PipelineError(f"config file {path} is a folder; pass a YAML file.")
     if not path.is_file():
         raise PipelineError(f"config file {path} does not exist.")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise PipelineError(
+            f"config file {path} is not UTF-8 text (byte {err.start} is "
+            f"{err.object[err.start : err.start + 1]!r}); save it as UTF-8."
+        ) from None
     except yaml.YAMLError as err:
-        raise PipelineError(f"config file {path} is not valid YAML: {err}") from None
+        raise PipelineError(
+            f"config file {path} is not valid YAML: {_yaml_problem(err)}."
+        ) from None
     if not isinstance(tree, dict):
         raise PipelineError(f"config file {path} must hold a mapping of settings.")
     base = path.resolve().parent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEFAULT_CONFIG, TINY_P0, run_cli
+from tests.conftest import DEFAULT_CONFIG, TINY_P0, TINY_P1, run_cli
 
 
 def _fails_cleanly(capsys: pytest.CaptureFixture[str], run_dir: Path, *argv: str | Path) -> str:
@@ -163,3 +163,127 @@ def test_stats_on_a_folder_that_is_not_a_run(
 ) -> None:
     assert run_cli("stats", tmp_path) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def _refused(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
+    """Run the CLI, require exit status 2 and one error line; return that line."""
+    assert run_cli(*argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("entropy-pipeline: error: ")
+    return lines[0]
+
+
+def _config(tmp_path: Path, extra: str) -> Path:
+    """A config file naming the shipped prompts and tiny models by absolute paths."""
+    return _write(
+        tmp_path / "config.yaml",
+        f"seed: 0\nprompts:\n  path: {DEFAULT_CONFIG.parent.parent / 'data' / 'prompts.jsonl'}\n"
+        f"models:\n  p0: {{path: {TINY_P0}}}\n  p1: {{path: {TINY_P1}}}\n{extra}",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("seed: 1\n", "line 7, column 1: key 'seed' is given twice (first on line 1); keep one"),
+        (
+            "sampling:\n  num_samples: 8\n  max_tokens: 4\n  num_samples: 16\n",
+            "line 10, column 3: key 'num_samples' is given twice (first on line 8); keep one",
+        ),
+    ],
+)
+def test_a_yaml_key_given_twice_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, message: str
+) -> None:
+    config = _config(tmp_path, extra)
+    line = _refused(capsys, "run", "--config", config, "--out", tmp_path / "run")
+    assert line == f"entropy-pipeline: error: config file {config} is not valid YAML: {message}."
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "sampling.num_samples=true",
+            "sampling.num_samples: Input should be a valid integer (got True)",
+        ),
+        (
+            "sampling.max_tokens=8.0",
+            "sampling.max_tokens: Input should be a valid integer (got 8.0)",
+        ),
+        ("seed=false", "seed: Input should be a valid integer (got False)"),
+        ("prompts.limit=true", "prompts.limit: Input should be a valid integer (got True)"),
+        ("entropy.include_eos=1", "entropy.include_eos: Input should be a valid boolean (got 1)"),
+        (
+            "sampling.stop_token_ids=[true]",
+            "sampling.stop_token_ids.0: Input should be a valid integer (got True)",
+        ),
+    ],
+)
+def test_a_bool_is_not_a_number_nor_a_number_a_bool(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    err = _fails_cleanly(capsys, tmp_path / "run", override)
+    assert err == f"entropy-pipeline: error: invalid config {DEFAULT_CONFIG}: {message}\n"
+
+
+def test_other_config_file_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"seed: 0\n# caf\xe9\n")
+    line = _refused(capsys, "run", "--config", latin1, "--out", tmp_path / "run")
+    assert line.endswith(
+        f"config file {latin1} is not UTF-8 text (byte 13 is b'\\xe9'); save it as UTF-8."
+    )
+    line = _refused(capsys, "run", "--config", f"{tmp_path}/", "--out", tmp_path / "run")
+    assert line.endswith(f"config file {tmp_path} is a folder; pass a YAML file.")
+    line = _refused(capsys, "run", "--out", tmp_path / "run", "sampling.stop_token_ids=[1,")
+    assert "override 'sampling.stop_token_ids=[1,': the value is not valid YAML (line 1" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_id_that_is_a_bool_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = _write(
+        tmp_path / "ids.jsonl",
+        '{"id": "a", "text": "One day,"}\n{"id": true, "text": "Long ago"}\n',
+    )
+    err = _fails_cleanly(capsys, tmp_path / "run", f"prompts.path={prompts}")
+    assert "record 2" in err
+    assert "`id` must be a string or an integer (got True)" in err
+
+
+def test_out_naming_a_regular_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _write(tmp_path / "notes.txt", "mine")
+    line = _refused(capsys, "run", "--out", out)
+    assert line == (
+        f"entropy-pipeline: error: --out {out} is a file; --out names a run directory (a new "
+        "folder, or a run to resume)."
+    )
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('{"schema_version": 1, "status": "compl', "not valid JSON (Unterminated string"),
+        (b"\xff\xfe{}", "not valid JSON ("),
+        ("[1, 2]", "not a JSON object"),
+    ],
+)
+def test_a_damaged_manifest_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | bytes, problem: str
+) -> None:
+    manifest = tmp_path / "manifest.json"
+    if isinstance(content, bytes):
+        manifest.write_bytes(content)
+    else:
+        manifest.write_text(content)
+    line = _refused(capsys, "stats", tmp_path)
+    assert line.startswith(f"entropy-pipeline: error: {manifest} is damaged: {problem}")
+    assert line.endswith(
+        "It is written atomically, so something else changed it; restore it from a backup "
+        "or start a new run directory."
+    )

@@ -61,7 +61,7 @@ def test_relative_paths_are_taken_from_the_config_folder(
         ("reference_model=p9", "reference_model='p9' is not one of the models"),
         ("sampling.temperature=0", "sampling.temperature=0.0 is not supported"),
         ("sampling.top_k=5", "Set sampling.top_k to 0"),
-        ("models.p1=null", "models.p1: Input should be a valid dictionary"),
+        ("models.p1=null", "models.p1: Input should be a mapping of settings"),
         ("engine.dtype=int8", "engine.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     ],
 )
