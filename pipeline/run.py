@@ -1,18 +1,25 @@
-"""The whole pipeline: validate inputs, sample, score every model, compute statistics.
+"""The driver: plan, reconcile with the run directory, run the stages, compute statistics.
 
 ``run_pipeline`` checks everything that can be checked before a model runs (config,
-model folders, shared tokenizer, prompt file, prompt lengths, the run directory) and
-only then writes, so bad input leaves nothing behind.
+model folders, shared tokenizer, the prompt file, the run directory), then runs the
+stages in order:
 
-Work is done in shards of prompts. Each shard's samples and each model's scores of it
-are written atomically as they finish, stamped with the fingerprint of their inputs
-(``provenance``). Running the same command on the same run directory again resumes:
-shards that are complete and valid are kept, missing or damaged ones are redone, and
-because sampling seeds derive from prompt ids the result is identical to an
-uninterrupted run. A run directory belongs to one set of inputs: resuming with a
-different config, model or library version is refused with what differs, unless
-``force`` starts the affected stages over. A model whose scores are all valid is not
-even loaded, so adding a candidate to a finished run scores only that candidate.
+1. ``prompts`` (here, in the driver): stream the prompt file, tokenize it and write
+   one ``prompts/part-N`` per shard, holding one shard in memory at a time;
+2. ``sample``: the reference model samples every shard (``samples/part-N``);
+3. ``score/<model>``: each model teacher-forces every shard (``scores/<model>/part-N``);
+4. ``stats``: Polars over the parts, ``summary.json`` and ``summary.parquet``.
+
+Stages 2 and 3 are run shard by shard by an executor (``pipeline.executors``: in this
+process, or a pool of Ray actors), each shard by a worker that reads its inputs from
+files and writes its part atomically, stamped with the fingerprint of the stage's
+inputs (``provenance``). Running the same command on the same run directory again
+resumes: shards that are complete and valid are kept, missing or damaged ones are
+redone, and because sampling seeds derive from prompt ids the result is identical to
+an uninterrupted run, on either backend. A run directory belongs to one set of
+inputs: resuming with a different config, model or library version is refused with
+what differs, unless ``force`` starts the affected stages over. A model whose scores
+are all valid is not even loaded.
 """
 
 from __future__ import annotations
@@ -25,8 +32,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.artifacts import (
@@ -43,7 +48,6 @@ from pipeline.artifacts import (
     scores_dir,
     shard_problem,
     write_json,
-    write_table,
 )
 from pipeline.config import (
     STATS_SECTIONS,
@@ -62,15 +66,16 @@ from pipeline.models import (
     model_identity,
     require_model_dir,
 )
-from pipeline.prompts import Prompt, check_prompt_lengths, load_prompts
+from pipeline.prompts import iter_prompts, prompt_file_digest, write_prompt_shards
 from pipeline.provenance import (
     differences,
     fingerprint,
-    prompts_digest,
+    prompts_inputs,
     sample_inputs,
     score_inputs,
 )
 from pipeline.stats.summary import compute_summary, write_summary
+from pipeline.worker import StageTask
 
 
 def _now() -> str:
@@ -93,12 +98,9 @@ class _Plan:
 
     config: RunConfig
     paths: dict[str, Path]  # full checkpoints (LoRA adapters already merged)
-    prompts: list[Prompt]
-    shards: list[list[Prompt]]
     identities: dict[str, dict[str, Any]]
-    stage_inputs: dict[str, dict[str, Any]]  # "sample" and "score/<model>"
-    max_model_len: int
-    step_budget: int
+    stage_inputs: dict[str, dict[str, Any]]  # "prompts", "sample" and "score/<model>"
+    model_context: int  # the smallest max_position_embeddings of the models
     stop_token_ids: frozenset[int]
 
     def fingerprint(self, stage: str) -> str:
@@ -106,8 +108,6 @@ class _Plan:
 
 
 def _plan(config: RunConfig) -> _Plan:
-    from pipeline.sample import sampling_step_budget
-
     reference = config.reference_model
     paths = {
         name: merged_checkpoint(name, model.path, model.base, config.merged_models_dir.resolve())
@@ -119,26 +119,18 @@ def _plan(config: RunConfig) -> _Plan:
         name: load_tokenizer(name, paths[name]) for name in [reference, *config.candidates]
     }
     check_shared_tokenizer(tokenizers)
-    tokenizer = tokenizers[reference]
-    max_model_len = config.engine.max_model_len or min(
-        model_context_length(p) for p in paths.values()
-    )
-    prompts = load_prompts(config.prompts.path, tokenizer, config.prompts.limit)
-    check_prompt_lengths(prompts, config.sampling.max_tokens, max_model_len)
     identities = {name: model_identity(name, path) for name, path in paths.items()}
     for name, model in config.models.items():
         if paths[name] != model.path:
             identities[name]["lora_adapter"] = str(model.path)
     libraries = library_versions()
-    size = config.shards.prompts_per_shard
     sections = config.model_dump(mode="json")
-    sampled = sample_inputs(
-        sections,
-        identities[reference]["content_sha256"],
-        prompts_digest([p.prompt_id for p in prompts], [p.token_ids for p in prompts]),
-        libraries,
+    reference_hash = identities[reference]["content_sha256"]
+    prompted = prompts_inputs(
+        sections, prompt_file_digest(config.prompts.path), reference_hash, libraries
     )
-    stage_inputs = {"sample": sampled}
+    sampled = sample_inputs(sections, reference_hash, fingerprint(prompted), libraries)
+    stage_inputs = {"prompts": prompted, "sample": sampled}
     for name in config.models:
         stage_inputs[f"score/{name}"] = score_inputs(
             fingerprint(sampled), identities[name]["content_sha256"], config.engine.dtype, libraries
@@ -146,22 +138,21 @@ def _plan(config: RunConfig) -> _Plan:
     return _Plan(
         config=config,
         paths=paths,
-        prompts=prompts,
-        shards=[prompts[i : i + size] for i in range(0, len(prompts), size)],
         identities=identities,
         stage_inputs=stage_inputs,
-        max_model_len=max_model_len,
-        step_budget=sampling_step_budget(
-            prompts, config.sampling.num_samples, config.engine.max_num_batched_tokens
+        model_context=min(model_context_length(p) for p in paths.values()),
+        stop_token_ids=frozenset(
+            {tokenizers[reference].eos_token_id, *config.sampling.stop_token_ids}
         ),
-        stop_token_ids=frozenset({tokenizer.eos_token_id, *config.sampling.stop_token_ids}),
     )
 
 
-def _stage_folders(run_dir: Path, stage: str) -> list[Path]:
+def _stage_folder(run_dir: Path, stage: str) -> Path:
+    if stage == "prompts":
+        return prompts_dir(run_dir)
     if stage == "sample":
-        return [prompts_dir(run_dir), samples_dir(run_dir)]
-    return [scores_dir(run_dir, stage.removeprefix("score/"))]
+        return samples_dir(run_dir)
+    return scores_dir(run_dir, stage.removeprefix("score/"))
 
 
 def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
@@ -181,7 +172,7 @@ def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
     stages = dict(manifest.get("stages", {}))
 
     def has_parts(stage: str) -> bool:
-        return any(any(f.glob("part-*.parquet")) for f in _stage_folders(run_dir, stage))
+        return any(_stage_folder(run_dir, stage).glob("part-*.parquet"))
 
     # A stage that wrote nothing yet (it failed before its first shard) binds nothing.
     stale = {
@@ -199,8 +190,7 @@ def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
         )
     for stage in stale:
         _log(f"--force: starting {stage} over")
-        for folder in _stage_folders(run_dir, stage):
-            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(_stage_folder(run_dir, stage), ignore_errors=True)
         stages.pop(stage, None)
     return {**manifest, "stages": stages}
 
@@ -219,6 +209,10 @@ class _Manifest:
             "completed_at": _now(),
             **details,
         }
+        write_json(self.content, self.path)
+
+    def set(self, key: str, value: Any) -> None:
+        self.content[key] = value
         write_json(self.content, self.path)
 
     def finish(self) -> None:
@@ -240,33 +234,123 @@ def _require_writable(run_dir: Path) -> None:
         )
 
 
-def _redo(folder: Path, plan: _Plan, stage: str, shard_sizes: list[int], schema: Any) -> list[int]:
-    """Indices of the shards in ``folder`` that must be (re)made, saying why for damaged ones."""
+def _prompt_shards(plan: _Plan, run_dir: Path, manifest: _Manifest) -> dict[str, Any]:
+    """Run the prompts stage unless its parts are all there; return its record.
+
+    The record holds the number of prompts of every shard and the longest prompt.
+    """
+    config, stage = plan.config, "prompts"
+    done = manifest.content["stages"].get(stage)
+    folder = prompts_dir(run_dir)
+    if done is not None:
+        problems = [
+            (index, problem)
+            for index, rows in enumerate(done["shard_sizes"])
+            if (
+                problem := shard_problem(
+                    folder / part_name(index), PROMPTS_SCHEMA, plan.fingerprint(stage), rows
+                )
+            )
+            is not None
+        ]
+        if not problems:
+            return done
+        index, problem = problems[0]
+        _log(f"  prompts: {part_name(index)} is {problem}; tokenizing the prompts again")
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.reference_model, plan.paths[config.reference_model])
+    context = config.engine.max_model_len or plan.model_context
+    _log(f"prompts: reading and tokenizing {config.prompts.path}")
+    shards = write_prompt_shards(
+        iter_prompts(config.prompts.path, tokenizer, config.prompts.limit),
+        folder,
+        config.shards.prompts_per_shard,
+        config.seed,
+        config.sampling.max_tokens,
+        context,
+        lambda index: {
+            "fingerprint": plan.fingerprint(stage),
+            "shard": str(index),
+            "content": "prompts",
+        },
+    )
+    # Parts beyond the new last shard belong to an older cut of the prompts.
+    for extra in folder.glob("part-*.parquet"):
+        if int(extra.stem.removeprefix("part-")) >= len(shards.sizes):
+            extra.unlink()
+    manifest.stage_done(
+        stage,
+        time.perf_counter() - started,
+        num_prompts=sum(shards.sizes),
+        shard_sizes=shards.sizes,
+        longest_prompt_tokens=shards.longest_prompt_tokens,
+    )
+    return manifest.content["stages"][stage]
+
+
+def _todo(task: StageTask, shard_rows: list[int], also: set[int]) -> list[int]:
+    """Shards of ``task``'s stage to (re)make: invalid ones, and those in ``also``."""
     todo = []
-    for index, rows in enumerate(shard_sizes):
-        problem = shard_problem(folder / part_name(index), schema, plan.fingerprint(stage), rows)
-        if problem is not None:
-            if problem != "missing":
-                _log(f"  {stage}: {folder.name}/{part_name(index)} is {problem}; redoing it")
+    for index, rows in enumerate(shard_rows):
+        path = task.output_path(index)
+        problem = shard_problem(path, SEQUENCE_SCHEMA, task.fingerprint, rows)
+        if problem is not None and problem != "missing":
+            _log(f"  {task.stage}: {path.parent.name}/{path.name} is {problem}; redoing it")
+        if problem is not None or index in also:
             todo.append(index)
     return todo
 
 
+def _engine_tasks(
+    plan: _Plan, run_dir: Path, prompts_record: dict[str, Any], max_model_len: int
+) -> list[StageTask]:
+    """The sample task, then one score task per model (reference first)."""
+    config = plan.config
+    common = {
+        "run_dir": run_dir.resolve(),
+        "prompts_fingerprint": plan.fingerprint("prompts"),
+        "engine": config.engine,
+        "max_model_len": max_model_len,
+        "longest_prompt_tokens": prompts_record["longest_prompt_tokens"],
+        "run_seed": config.seed,
+        "sampling": config.sampling,
+        "stop_token_ids": plan.stop_token_ids,
+    }
+    reference = config.reference_model
+    tasks = [
+        StageTask(
+            kind="sample",
+            model=reference,
+            model_path=plan.paths[reference],
+            fingerprint=plan.fingerprint("sample"),
+            samples_fingerprint=None,
+            **common,
+        )
+    ]
+    for name in [reference, *config.candidates]:
+        tasks.append(
+            StageTask(
+                kind="score",
+                model=name,
+                model_path=plan.paths[name],
+                fingerprint=plan.fingerprint(f"score/{name}"),
+                samples_fingerprint=plan.fingerprint("sample"),
+                **common,
+            )
+        )
+    return tasks
+
+
 def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run, or resume, every stage in ``run_dir`` and return the summary."""
-    from pipeline.engine import open_engine
-    from pipeline.sample import prompts_table, sample_completions
-    from pipeline.score import score_sequences
+    from pipeline.executors import open_executor
 
     plan = _plan(config)
     previous = _reconcile(run_dir, plan, force)
+    fresh = not previous
     _require_writable(run_dir)
     for leftover in remove_temporaries(run_dir):
         _log(f"  removed a temporary file left by an interrupted run: {leftover}")
-    reference = config.reference_model
-    group = config.sampling.num_samples
-    prompt_rows = [len(shard) for shard in plan.shards]
-    sequence_rows = [len(shard) * group for shard in plan.shards]
     manifest = _Manifest(
         run_dir,
         {
@@ -285,88 +369,48 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
                 "per_prompt": "first 62 bits of sha256(run_seed NUL prompt_id), "
                 "column sampling_seed of prompts/",
             },
-            "engine": {
-                "max_model_len": plan.max_model_len,
-                "max_num_batched_tokens": plan.step_budget,
-            },
-            "shards": len(plan.shards),
+            "execution": config.execution.model_dump(mode="json"),
             "inputs": plan.stage_inputs,
             "stages": previous.get("stages", {}),
         },
     )
+    try:
+        prompts_record = _prompt_shards(plan, run_dir, manifest)
+    except PipelineError:
+        if fresh:  # bad prompts found while streaming them: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    group = config.sampling.num_samples
+    shard_sizes = prompts_record["shard_sizes"]
+    sequence_rows = [size * group for size in shard_sizes]
+    # Just what the prompts need, within the models' context, unless set explicitly.
+    max_model_len = config.engine.max_model_len or min(
+        plan.model_context, prompts_record["longest_prompt_tokens"] + config.sampling.max_tokens + 1
+    )
+    manifest.set("engine", {"max_model_len": max_model_len})
     _log(
-        f"entropy-pipeline: {len(plan.prompts)} prompts x {group} samples in "
-        f"{len(plan.shards)} shard(s) -> {run_dir}"
+        f"entropy-pipeline: {prompts_record['num_prompts']} prompts x {group} samples in "
+        f"{len(shard_sizes)} shard(s) -> {run_dir}"
     )
-    prompt_ids = {p.prompt_id: p.token_ids for p in plan.prompts}
-
-    def stamp(stage: str, index: int, content: str, model: str) -> dict[str, str]:
-        return {
-            "fingerprint": plan.fingerprint(stage),
-            "shard": str(index),
-            "content": content,
-            "model": model,
-        }
-
-    sample_todo = sorted(
-        set(_redo(samples_dir(run_dir), plan, "sample", sequence_rows, SEQUENCE_SCHEMA))
-        | set(_redo(prompts_dir(run_dir), plan, "sample", prompt_rows, PROMPTS_SCHEMA))
-    )
-    for name in [reference, *config.candidates]:
-        stage = f"score/{name}"
-        # Re-made samples invalidate every model's scores of those shards.
-        todo = sorted(
-            set(_redo(scores_dir(run_dir, name), plan, stage, sequence_rows, SEQUENCE_SCHEMA))
-            | set(sample_todo)
-        )
-        if not todo:
-            continue
-        path = plan.paths[name]
-        require_model_dir(name, path)  # it may have gone since the run started
-        started = time.perf_counter()
-        with open_engine(
-            name, path, config.engine, plan.max_model_len, plan.step_budget, config.seed
-        ) as llm:
-            if name == reference:
-                for index in sample_todo:
-                    shard = plan.shards[index]
-                    _log(f"sample {name}: shard {index + 1}/{len(plan.shards)}")
-                    table = prompts_table(shard, config.seed)
-                    write_table(
-                        table,
-                        prompts_dir(run_dir) / part_name(index),
-                        stamp("sample", index, "prompts", name),
-                    )
-                    samples = sample_completions(
-                        llm,
-                        shard,
-                        config.sampling,
-                        config.seed,
-                        set(plan.stop_token_ids),
-                        plan.step_budget,
-                    )
-                    write_table(
-                        samples,
-                        samples_dir(run_dir) / part_name(index),
-                        stamp("sample", index, "samples", name),
-                    )
-                if sample_todo:
-                    manifest.stage_done(
-                        "sample", time.perf_counter() - started, shards_made=len(sample_todo)
-                    )
-                started = time.perf_counter()
-            for index in todo:
-                _log(f"score {name}: shard {index + 1}/{len(plan.shards)}")
-                samples = pq.read_table(samples_dir(run_dir) / part_name(index))
-                scores = score_sequences(
-                    llm, name, samples, prompt_ids, config.engine.score_batch_size
+    remade: set[int] = set()
+    with open_executor(config.execution) as executor:
+        manifest.set("executor", executor.description())
+        for task in _engine_tasks(plan, run_dir, prompts_record, max_model_len):
+            # Re-made samples invalidate every model's scores of those shards.
+            todo = _todo(task, sequence_rows, remade if task.kind == "score" else set())
+            if task.kind == "sample":
+                remade = set(todo)
+            if not todo:
+                continue
+            require_model_dir(task.model, task.model_path)  # it may have gone since planning
+            started = time.perf_counter()
+            for count, done in enumerate(executor.run(task, todo), start=1):
+                _log(
+                    f"{task.stage}: shard {done.index + 1}/{len(shard_sizes)} done "
+                    f"({count}/{len(todo)} this run, {done.rows} sequences, "
+                    f"{done.seconds:.1f} s)"
                 )
-                write_table(
-                    scores,
-                    scores_dir(run_dir, name) / part_name(index),
-                    stamp(stage, index, "scores", name),
-                )
-        manifest.stage_done(stage, time.perf_counter() - started, shards_made=len(todo))
+            manifest.stage_done(task.stage, time.perf_counter() - started, shards_made=len(todo))
 
     started = time.perf_counter()
     summary = {

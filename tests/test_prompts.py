@@ -11,7 +11,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from pipeline.errors import PipelineError
-from pipeline.prompts import check_prompt_lengths, default_prompt_id, load_prompts
+from pipeline.prompts import (
+    default_prompt_id,
+    load_prompts,
+    prompt_room,
+    write_prompt_shards,
+)
 from tests.conftest import TINY_P0
 
 
@@ -92,6 +97,46 @@ def test_length_check_counts_the_scoring_position(tmp_path: Path, tokenizer) -> 
         _jsonl(tmp_path / "p.jsonl", [{"id": "q", "text": "One day,"}]), tokenizer
     )
     n = len(prompt.token_ids)
-    check_prompt_lengths([prompt], max_tokens=10, max_model_len=n + 11)
+    # A prompt, a full completion of max_tokens and one scoring position must fit.
+    assert prompt_room(max_tokens=10, max_model_len=n + 11) == n
+    stamp = lambda index: {"shard": str(index)}  # noqa: E731
+    write_prompt_shards([prompt], tmp_path / "ok", 4, 0, 10, n + 11, stamp)
     with pytest.raises(PipelineError, match="prompt 'q' has"):
-        check_prompt_lengths([prompt], max_tokens=10, max_model_len=n + 10)
+        write_prompt_shards([prompt], tmp_path / "no", 4, 0, 10, n + 10, stamp)
+
+
+def test_shards_are_written_one_at_a_time(tmp_path: Path, tokenizer) -> None:
+    records = [{"id": f"p{i}", "text": "x" * (1 + i % 7)} for i in range(10)]
+    prompts = load_prompts(_jsonl(tmp_path / "p.jsonl", records), tokenizer)
+    shards = write_prompt_shards(
+        iter(prompts), tmp_path / "prompts", 4, 0, 10, 1000, lambda i: {"shard": str(i)}
+    )
+    assert shards.sizes == [4, 4, 2]
+    assert shards.longest_prompt_tokens == max(len(p.token_ids) for p in prompts)
+    parts = sorted((tmp_path / "prompts").glob("part-*.parquet"))
+    assert [pq.read_metadata(p).num_rows for p in parts] == [4, 4, 2]
+    table = pq.read_table(parts[1])
+    assert table.column("prompt_id").to_pylist() == ["p4", "p5", "p6", "p7"]
+    assert table.column("prompt_token_ids").to_pylist() == [p.token_ids for p in prompts[4:8]]
+    assert pq.read_schema(parts[2]).metadata[b"shard"] == b"2"
+
+
+def test_duplicate_ids_are_found_across_tokenizer_batches(tmp_path: Path, tokenizer) -> None:
+    # 3,000 records span three tokenizer batches; the duplicate is named by record.
+    records = [{"id": str(i), "text": "One day,"} for i in range(3000)] + [
+        {"id": "17", "text": "Long ago,"}
+    ]
+    duplicate = r"record 3001 \(line 3001\).*'17' already used by record 18"
+    with pytest.raises(PipelineError, match=duplicate):
+        load_prompts(_jsonl(tmp_path / "p.jsonl", records), tokenizer)
+
+
+def test_file_problems_are_named(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(PipelineError, match="is a directory"):
+        load_prompts(tmp_path, tokenizer)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"text": "caf\u00e9"}\n'.encode("utf-8") + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(PipelineError, match="line 2: not UTF-8"):
+        load_prompts(latin1, tokenizer)
+    with pytest.raises(PipelineError, match=r"`id` must be a string or an integer \(got True\)"):
+        load_prompts(_jsonl(tmp_path / "b.jsonl", [{"id": True, "text": "x"}]), tokenizer)

@@ -1,0 +1,166 @@
+"""Executors: run an engine stage's missing shards, here or on a Ray cluster.
+
+Both backends run the same ``worker.ShardWorker`` code on the same shard indices and
+write the same part files, so a run gives the same bytes on either, and a run begun
+on one can be resumed on the other. ``run`` yields each shard as it finishes, so the
+driver's progress and manifest advance live.
+
+* ``local``: one worker (one engine) in this process, shards one after another.
+* ``ray``: per stage, a Ray Data pipeline whose rows are shard indices, mapped by a
+  pool of up to ``execution.replicas`` actors, each holding one engine
+  (``map_batches`` with ``batch_size=1`` and an ``ActorPoolStrategy``). Ray restarts
+  a dead actor and retries its shard; the atomic writes make a retried shard
+  indistinguishable from a first try. Pools run one stage after another, so a GPU
+  holds one engine at a time.
+
+Ray notes (docs/design.md §5): the local instance this module starts gets two spare
+logical CPUs, because a pipeline whose engine actors hold every logical CPU hangs
+(Ray Data's own tasks cannot start); the actor's constructor argument is the small
+``StageTask``, never data; ``ray stop`` is never called (it kills every Ray process
+on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import ExecutionConfig
+from pipeline.errors import PipelineError
+from pipeline.worker import ShardDone, ShardWorker, StageTask
+
+# Logical CPUs left free beside the engine actors on a Ray instance started here.
+_SPARE_CPUS = 2
+
+
+class Executor(Protocol):
+    """Runs shards of a stage and yields each as it is written."""
+
+    def run(self, task: StageTask, shards: Sequence[int]) -> Iterator[ShardDone]:
+        """Make ``shards`` of ``task``'s stage; yield each when its part is written."""
+        ...
+
+    def description(self) -> dict[str, Any]:
+        """The backend and its settings, for the manifest."""
+        ...
+
+
+class LocalExecutor:
+    """One engine in this process; shards one after another."""
+
+    def run(self, task: StageTask, shards: Sequence[int]) -> Iterator[ShardDone]:
+        """Load the task's engine, make each shard, shut the engine down."""
+        worker = ShardWorker(task)
+        try:
+            for index in shards:
+                yield worker.make(index)
+        finally:
+            worker.close()
+
+    def description(self) -> dict[str, Any]:
+        """``{"backend": "local"}``."""
+        return {"backend": "local"}
+
+
+class _RayShardMapper:
+    """Ray Data callable class: one engine per actor, one shard per batch."""
+
+    def __init__(self, task: StageTask) -> None:
+        self.worker = ShardWorker(task)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        done = [self.worker.make(int(index)) for index in batch["shard"]]
+        return {
+            "shard": np.array([d.index for d in done], dtype=np.int64),
+            "rows": np.array([d.rows for d in done], dtype=np.int64),
+            "seconds": np.array([d.seconds for d in done], dtype=np.float64),
+        }
+
+
+class RayExecutor:
+    """Per stage, a Ray Data pipeline over shard indices with a pool of engine actors."""
+
+    def __init__(self, execution: ExecutionConfig) -> None:
+        self.execution = execution
+
+    def run(self, task: StageTask, shards: Sequence[int]) -> Iterator[ShardDone]:
+        """Map the shard indices through the actor pool; yield shards as they finish."""
+        import ray
+
+        execution = self.execution
+        gpus = execution.num_gpus
+        if task.engine.tensor_parallel_size > 1 and gpus < task.engine.tensor_parallel_size:
+            raise PipelineError(
+                f"execution.num_gpus={gpus} is less than engine.tensor_parallel_size="
+                f"{task.engine.tensor_parallel_size}: a replica must hold all the GPUs of "
+                "its engine."
+            )
+        dataset = ray.data.from_items([{"shard": index} for index in shards]).map_batches(
+            _RayShardMapper,
+            fn_constructor_args=(task,),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1,
+                max_size=min(execution.replicas, len(shards)),
+                max_tasks_in_flight_per_actor=1,
+            ),
+            num_cpus=execution.num_cpus,
+            num_gpus=gpus,
+        )
+        for row in dataset.iter_rows():
+            yield ShardDone(int(row["shard"]), int(row["rows"]), float(row["seconds"]))
+
+    def description(self) -> dict[str, Any]:
+        """Backend, Ray version, cluster size and the pool settings."""
+        import ray
+
+        return {
+            "backend": "ray",
+            "ray": ray.__version__,
+            "nodes": len([node for node in ray.nodes() if node.get("Alive")]),
+            **self.execution.model_dump(mode="json", exclude={"backend"}),
+        }
+
+
+@contextmanager
+def open_executor(execution: ExecutionConfig) -> Iterator[Executor]:
+    """The configured executor; for Ray, joins (or starts, then stops) a Ray instance.
+
+    A Ray instance already initialised in this process (by a test, or a notebook) is
+    used as it is and left running.
+    """
+    if execution.backend == "local":
+        yield LocalExecutor()
+        return
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(
+            "execution.backend=ray needs Ray: pip install 'entropy-pipeline[ray]'."
+        ) from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if execution.address is None:
+            options.update(
+                address="local",
+                num_cpus=int(execution.replicas * execution.num_cpus) + _SPARE_CPUS,
+            )
+        else:
+            options["address"] = execution.address
+        try:
+            ray.init(**options)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise PipelineError(
+                f"cannot start or join Ray (execution.address={execution.address!r}): {err}"
+            ) from None
+    try:
+        yield RayExecutor(execution)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,146 @@
+"""The Ray backend on a local Ray instance that these tests start on 127.0.0.1.
+
+Each test starts its own Ray instance in this process (``ray.init(address="local")``
+with usage stats and the dashboard off, in a private temporary folder) and shuts it
+down; no test joins or stops a Ray instance it did not start. Every Ray run must give
+the bytes of the local run of the same config: every Parquet table with its
+metadata, and summary.json (apart from the start time and the config hash, which
+covers the executor settings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.worker import KILL_ONCE_ENV
+from tests.conftest import DEFAULT_CONFIG, ROOT, run_cli
+from tests.test_resume import assert_same_run
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+
+pytestmark = pytest.mark.engine
+
+# 12 prompts in 4 shards of 3, 4 samples each: enough shards for two replicas to share.
+SMALL = [
+    "prompts.limit=12",
+    "shards.prompts_per_shard=3",
+    "sampling.num_samples=4",
+    "sampling.max_tokens=24",
+]
+RAY = ["execution.backend=ray", "execution.replicas=2"]
+
+
+def _run(run_dir: Path, *extra: str) -> int:
+    return run_cli("run", "--config", DEFAULT_CONFIG, "--out", run_dir, *SMALL, *extra)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ray") / "local"
+    assert _run(run_dir) == 0
+    return run_dir
+
+
+@pytest.fixture
+def ray_instance(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A private local Ray instance; ``request.param`` adds worker environment variables."""
+    env_vars = getattr(request, "param", {})
+    # Short folder: Ray's socket paths must fit 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=temp_dir,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env_vars},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.usefixtures("ray_instance")
+def test_ray_run_gives_the_bytes_of_the_local_run(local_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "ray"
+    assert _run(run_dir, *RAY) == 0
+    assert_same_run(run_dir, local_run, same_config=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["executor"]["backend"] == "ray"
+    assert manifest["executor"]["ray"] == ray.__version__
+    assert manifest["executor"]["replicas"] == 2
+    # The shard fingerprints do not depend on the backend: same inputs on both.
+    local = json.loads((local_run / "manifest.json").read_text())
+    assert manifest["inputs"] == local["inputs"]
+
+
+def _marker() -> str:
+    return str(Path(tempfile.gettempdir()) / f"entropy-pipeline-kill-{os.getpid()}")
+
+
+@pytest.mark.parametrize("ray_instance", [{KILL_ONCE_ENV: _marker()}], indirect=True)
+@pytest.mark.usefixtures("ray_instance")
+def test_a_worker_killed_mid_shard_is_retried(local_run: Path, tmp_path: Path) -> None:
+    marker = Path(_marker())
+    marker.unlink(missing_ok=True)
+    run_dir = tmp_path / "ray-killed"
+    try:
+        assert _run(run_dir, *RAY) == 0
+        # The hook fired: one actor SIGKILLed itself inside its first shard.
+        assert marker.exists()
+    finally:
+        marker.unlink(missing_ok=True)
+    assert_same_run(run_dir, local_run, same_config=False)
+
+
+def test_driver_killed_then_resumed_on_the_local_backend(local_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed-driver"
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "run",
+        "--config",
+        str(DEFAULT_CONFIG),
+        "--out",
+        str(run_dir),
+        *SMALL,
+        *RAY,
+    ]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Own session: the SIGKILL below reaches the driver and the Ray instance it
+    # started, and nothing else.
+    driver = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run_dir / "samples").glob("part-*.parquet")):
+            assert driver.poll() is None, "the driver ended before its first shard"
+            assert time.monotonic() < deadline, "no sample shard after 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "running"
+    assert _run(run_dir) == 0  # resumed in this process, on the local backend
+    assert_same_run(run_dir, local_run, same_config=True)
