@@ -1,7 +1,7 @@
 """LoRA candidates: merge a PEFT adapter into its base model once, then score it in full.
 
 vLLM mis-scores LoRA adapters with ``prompt_logprobs`` when requests are batched (open
-upstream issues, DESIGN.md §4), so an adapter is never given to vLLM: it is merged
+upstream issues, docs/design.md §4), so an adapter is never given to vLLM: it is merged
 into a full checkpoint with PEFT (W + B A x scale, in float32) and the checkpoint is
 scored like any other model. Merges are cached under ``<cache>/<hash>/`` where the
 hash covers the adapter's and the base model's content, so a nightly run reuses the

@@ -2,7 +2,7 @@
 
 Nothing here runs a model: it hashes model folders for provenance, loads tokenizers
 and checks that every model of a run shares one, because token ids travel unchanged
-from sampling to scoring (DESIGN.md §3) and mean the same thing only under one
+from sampling to scoring (docs/design.md §3) and mean the same thing only under one
 vocabulary.
 """
 
@@ -28,8 +28,8 @@ def require_model_dir(name: str, path: Path) -> None:
     if not (path / "config.json").is_file():
         raise PipelineError(
             f"model {name!r}: {path} has no config.json; expected a Hugging Face model "
-            "folder (config, weights and tokenizer). Merge LoRA adapters into a full "
-            "checkpoint first."
+            "folder (config, weights and tokenizer) or a PEFT LoRA adapter folder "
+            "(adapter_config.json), which is merged into its base before scoring."
         )
 
 
