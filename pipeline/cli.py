@@ -164,11 +164,7 @@ def _print_config(config_file: Path | None, overrides: list[str], reference: boo
 
     from pipeline.config import DEFAULT_CONFIG, config_hash, load_config
 
-    try:
-        config = load_config(config_file, overrides)
-    except PipelineError as err:
-        print(f"entropy-pipeline: error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(config_file, overrides)  # errors: one line, from main()
     # Paths are printed resolved (absolute), so the output runs from any folder.
     print(f"# resolved from {config_file or DEFAULT_CONFIG}; config hash {config_hash(config)}")
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
