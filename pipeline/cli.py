@@ -177,9 +177,9 @@ def _history(runs_root: Path, table: Path | None, plot: Path | None) -> int:
 
     table = table or runs_root / "history.parquet"
     plot = plot or runs_root / "history.png"
+    history = gather_history(runs_root)
     check_output_path(table, "--table")
     check_output_path(plot, "--plot")
-    history = gather_history(runs_root)
     for run_dir, reason in history.skipped:
         print(f"entropy-pipeline: warning: skipped {run_dir}: {reason}.", file=sys.stderr)
     if history.table.is_empty():

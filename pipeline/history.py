@@ -152,7 +152,7 @@ def gather_history(runs_root: Path) -> History:
         try:
             frames.append(_read_run(run_dir))
         except PipelineError as err:
-            skipped.append((run_dir, str(err)))
+            skipped.append((run_dir, str(err).rstrip(".")))
     if not frames:
         frames.append(
             _in_current_schema(SUMMARY_SCHEMA.empty_table()).with_columns(

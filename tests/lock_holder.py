@@ -11,11 +11,41 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.lock import RunLock
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(run_dir: Path, *options: str | Path) -> subprocess.Popen[str]:
+    """Start a holder; returns once it is ready (not yet holding the lock)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.lock_holder", str(run_dir), *map(str, options)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert read_line(process) == "ready"
+    return process
+
+
+def read_line(process: subprocess.Popen[str]) -> str:
+    """The holder's next line of output."""
+    assert process.stdout is not None
+    return process.stdout.readline().rstrip("\n")
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    """Kill a holder (if still running) and close its pipe."""
+    process.kill()
+    process.wait()
+    assert process.stdout is not None
+    process.stdout.close()
 
 
 def main() -> int:

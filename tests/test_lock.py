@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.lock import LOCK_FILE, RunLock, check_not_locked
-from tests.conftest import ROOT
+from tests import lock_holder
 
 Holder = Callable[..., subprocess.Popen[str]]
 
@@ -30,28 +29,12 @@ def start_holder() -> Iterator[Holder]:
     started: list[subprocess.Popen[str]] = []
 
     def start(run_dir: Path, *options: str | Path) -> subprocess.Popen[str]:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tests.lock_holder", str(run_dir), *map(str, options)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        started.append(process)
-        assert process.stdout is not None
-        assert process.stdout.readline() == "ready\n"
-        return process
+        started.append(lock_holder.start(run_dir, *options))
+        return started[-1]
 
     yield start
     for process in started:
-        process.kill()
-        process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
-
-
-def _line(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None
-    return process.stdout.readline().rstrip("\n")
+        lock_holder.stop(process)
 
 
 def test_the_holder_is_recorded_and_forgotten(tmp_path: Path) -> None:
@@ -78,7 +61,7 @@ def test_another_process_is_refused_by_name_and_a_sigkill_frees_the_directory(
 ) -> None:
     run_dir = tmp_path / "run"
     holder = start_holder(run_dir)
-    assert _line(holder) == f"locked {holder.pid}"
+    assert lock_holder.read_line(holder) == f"locked {holder.pid}"
     with pytest.raises(PipelineError) as refused, RunLock(run_dir, "run"):
         pass
     message = str(refused.value)
@@ -105,7 +88,7 @@ def test_two_processes_started_together_exactly_one_wins(
     run_dir, go = tmp_path / "run", tmp_path / "go"
     first, second = start_holder(run_dir, "--go", go), start_holder(run_dir, "--go", go)
     go.touch()
-    lines = {first.pid: _line(first), second.pid: _line(second)}
+    lines = {first.pid: lock_holder.read_line(first), second.pid: lock_holder.read_line(second)}
     winners = [pid for pid, line in lines.items() if line == f"locked {pid}"]
     assert len(winners) == 1, lines
     loser = second if winners == [first.pid] else first
@@ -120,8 +103,8 @@ def test_a_forked_child_does_not_keep_a_killed_holders_lock(
 ) -> None:
     run_dir = tmp_path / "run"
     holder = start_holder(run_dir, "--fork")
-    assert _line(holder) == f"locked {holder.pid}"
-    child = int(_line(holder).removeprefix("child "))
+    assert lock_holder.read_line(holder) == f"locked {holder.pid}"
+    child = int(lock_holder.read_line(holder).removeprefix("child "))
     try:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
