@@ -9,13 +9,14 @@ ENV PYTHONUNBUFFERED=1
 # dependencies and the gpu extra), so editing the source reuses this layer. The gpu
 # extra's vllm==0.32.0 is already satisfied by the base image; it adds peft.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 
 # Stage 2: the package itself. The wheel carries the shipped configs, demo prompts and
 # tiny models (pipeline/_resources), so the image needs no copy of the source tree to run.
+COPY README.md ./
 COPY pipeline ./pipeline
 COPY configs ./configs
 COPY data ./data
