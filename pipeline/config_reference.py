@@ -84,15 +84,15 @@ def _bounds(constraints: Iterable[Any]) -> str:
             value = getattr(constraint, attribute, None)
             if value is not None:
                 parts.append(f"{symbol} {value}")
-        if getattr(constraint, "min_length", None) is not None:
-            parts.append(f"of length ≥ {constraint.min_length}")
     return ", ".join(parts)
 
 
 def type_name(annotation: Any, constraints: Iterable[Any] = ()) -> str:
     """A readable type: ``int > 0``, ``path or null``, ```sequence` or `per_token```."""
     annotation, inner = _strip_annotated(annotation)
-    bounds = _bounds([*constraints, *inner])
+    constraints = [*constraints, *inner]
+    bounds = _bounds(constraints)
+    min_lengths = [c.min_length for c in constraints if getattr(c, "min_length", None)]
     origin = get_origin(annotation)
     if annotation is type(None):
         name = "null"
@@ -107,6 +107,10 @@ def type_name(annotation: Any, constraints: Iterable[Any] = ()) -> str:
     elif origin is list:
         (item,) = get_args(annotation)
         name = f"list of {type_name(item)}"
+        if min_lengths:
+            name = (
+                f"non-empty {name}" if min_lengths[0] == 1 else f"{name}, ≥ {min_lengths[0]} items"
+            )
     elif origin is dict:
         _, value = get_args(annotation)
         name = f"mapping of name to {type_name(value)}"

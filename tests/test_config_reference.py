@@ -67,6 +67,10 @@ def test_types_read_plainly() -> None:
     assert type_name(Literal["a", "b"]) == "`a` or `b`"
     assert type_name(Literal["a", "b", "c"]) == "`a`, `b` or `c`"
     assert type_name(list[int]) == "list of int"
+    assert (
+        type_name(Annotated[list[str], Field(min_length=1)] | None)
+        == "non-empty list of str or null"
+    )
 
 
 class _Folder(BaseModel):
