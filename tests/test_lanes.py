@@ -1,0 +1,51 @@
+"""Test lanes: engine tests are marked, and an unmarked test cannot start an engine."""
+
+from __future__ import annotations
+
+import importlib
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+import tests.conftest as conftest
+
+
+@dataclass
+class _Item:
+    module: types.ModuleType
+    fixturenames: tuple[str, ...] = ()
+    marks: list[str] = field(default_factory=list)
+
+    def add_marker(self, mark: pytest.MarkDecorator) -> None:
+        self.marks.append(mark.name)
+
+
+def test_engine_tests_are_marked_by_what_they_use() -> None:
+    drives_cli = types.ModuleType("drives_cli")
+    drives_cli.run_cli = conftest.run_cli
+    plain = types.ModuleType("plain")
+    items = [
+        _Item(drives_cli),
+        _Item(plain, ("tmp_path", "demo_summary")),
+        _Item(plain, ("tmp_path",)),
+    ]
+    conftest.pytest_collection_modifyitems(items)
+    assert [item.marks for item in items] == [["engine"], ["engine"], []]
+
+
+def test_an_unmarked_test_that_imports_vllm_fails_with_its_name() -> None:
+    # A submodule that does not exist: the check must fire before the import runs.
+    with pytest.raises(conftest.EngineImportInUnmarkedTest) as caught:
+        importlib.import_module("vllm._lane_probe")
+    assert "test_lanes.py::test_an_unmarked_test_that_imports_vllm_fails" in str(caught.value)
+    assert "@pytest.mark.engine" in str(caught.value)
+    with pytest.raises(conftest.EngineImportInUnmarkedTest):
+        importlib.import_module("ray._lane_probe")
+
+
+@pytest.mark.engine
+def test_a_marked_test_is_not_checked() -> None:
+    # Checked through the hook itself: importing vLLM here would take seconds.
+    assert conftest._unmarked_test[0] is None
+    conftest._refuse_engine_imports("import", ("vllm._lane_probe", None, [], [], []))
