@@ -34,9 +34,9 @@ from pipeline.artifacts import (
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.errors import PipelineError
 
-# Test hook: a worker whose environment names a file path here SIGKILLs itself in the
-# middle of its first shard if that file does not exist yet (creating it first), so
-# tests can check that a killed worker's shard is redone and the bytes do not change.
+# Test hook: when the environment names a file here and that file exists, the first
+# worker to remove it SIGKILLs itself in the middle of its shard, so tests can check
+# that a killed worker's shard is redone and the bytes do not change.
 KILL_ONCE_ENV = "ENTROPY_PIPELINE_TEST_KILL_WORKER_ONCE"
 
 
@@ -168,8 +168,7 @@ def _maybe_kill_for_test() -> None:
     if not marker:
         return
     try:
-        with open(marker, "x"):
-            pass
-    except FileExistsError:
+        os.unlink(marker)
+    except FileNotFoundError:
         return
     os.kill(os.getpid(), signal.SIGKILL)
