@@ -41,6 +41,7 @@ lint: $(STAMP)
 # pipeline/config.py (tests/test_config_reference.py fails while it is stale).
 docs: $(STAMP)
 	$(BIN)/python -m pipeline.config_reference README.md
+	$(BIN)/python -m pipeline.stats.registry README.md
 
 # Rebuild the committed tiny models from the shipped corpus (about 2 minutes).
 models: $(STAMP)

@@ -33,6 +33,10 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError, naming
 
+# summary.parquet's schema is derived from the estimate registry, where every summary
+# key is declared; re-exported here beside the other artifact schemas.
+from pipeline.stats.registry import SUMMARY_SCHEMA as SUMMARY_SCHEMA
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -60,54 +64,6 @@ SEQUENCE_SCHEMA = pa.schema(
         pa.field("L", pa.int32(), nullable=False),  # number of completion tokens
     ]
 )
-
-
-def _summary_schema() -> pa.Schema:
-    estimates = ("H0", "H1", "delta_H", "kl", "delta_H1")
-    floats = [
-        f"{name}{part}_{unit}"
-        for name in estimates
-        for part in ("", "_se", "_low", "_high")
-        for unit in ("nats", "bits")
-    ]
-    floats += [
-        "identity_delta_H_nats",
-        "identity_discrepancy_nats",
-        "ess",
-        "ess_fraction",
-        "log_weight_min",
-        "log_weight_median",
-        "log_weight_max",
-        "per_token_nll_p0_nats",
-        "per_token_nll_p0_bits",
-        "per_token_nll_p1_nats",
-        "per_token_nll_p1_bits",
-        "fraction_clipped",
-        "clip_threshold",
-        "pareto_k",
-        "pareto_k_threshold",
-    ]
-    return pa.schema(
-        [
-            (name, pa.string())
-            for name in (
-                "candidate",
-                "reference_model",
-                "run_started_at",
-                "config_hash",
-                "unit",
-                "weights_mode",
-            )
-        ]
-        + [("include_eos", pa.bool_()), ("pareto_k_exceeded", pa.bool_())]
-        + [(name, pa.int64()) for name in ("num_prompts", "num_sequences", "num_warnings")]
-        + [(name, pa.float64()) for name in floats]
-    )
-
-
-# summary.parquet: one row per candidate of a run; weight diagnostics that do not apply
-# to the run's weights.mode are null.
-SUMMARY_SCHEMA = _summary_schema()
 
 
 def prompts_dir(run_dir: Path) -> Path:

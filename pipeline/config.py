@@ -68,7 +68,13 @@ class SamplingConfig(_Closed):
     """
 
     num_samples: Annotated[int, Field(gt=0, le=4096)] = Field(
-        default=8, description="G: completions sampled per prompt."
+        default=8, description="G: completions sampled per prompt (by each sampling model)."
+    )
+    models: Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description="Models that sample, each G completions per prompt; estimates use "
+        "their equal mixture as the proposal (balance heuristic), which keeps the "
+        "weights bounded when a candidate moved far. null: the reference model alone.",
     )
     max_tokens: Annotated[int, Field(gt=0)] = Field(
         default=48, description="Length limit of a completion in tokens."
@@ -217,10 +223,6 @@ class EntropyConfig(_Closed):
         description="Count the final EOS (or stop) token in the entropy integrand S and "
         "length L. Importance weights always use the full sequence.",
     )
-    length_normalize_deltah1: bool = Field(
-        default=False,
-        description="Use S/L in place of S in the first-order term dH1 (nats/token).",
-    )
 
 
 class WeightsConfig(_Closed):
@@ -243,16 +245,21 @@ class WeightsConfig(_Closed):
 class UncertaintyConfig(_Closed):
     """Standard errors and intervals (statistics option)."""
 
-    method: Literal["cluster_bootstrap"] = Field(
-        default="cluster_bootstrap",
-        description="Resample prompts (the independent units) with replacement.",
+    estimand: Literal["prompt_set", "population"] = Field(
+        default="prompt_set",
+        description="prompt_set: the error of this prompt set's value (only the sampled "
+        "completions are random): linearised variance from within-prompt spread, Wald "
+        "intervals. population: the error for the population the prompts were drawn "
+        "from: cluster bootstrap over prompts, percentile intervals.",
     )
     replicates: Annotated[int, Field(ge=50)] = Field(
-        default=1000, description="Bootstrap replicates."
+        default=1000, description="Bootstrap replicates (population only)."
     )
-    seed: Annotated[int, Field(ge=0)] = Field(default=0, description="Bootstrap seed.")
+    seed: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Bootstrap seed (population only)."
+    )
     level: Annotated[float, Field(gt=0, lt=1)] = Field(
-        default=0.95, description="Coverage of the percentile intervals."
+        default=0.95, description="Coverage of the intervals."
     )
 
 
@@ -307,6 +314,24 @@ class RunConfig(_Closed):
                     f"model name {name!r} cannot name a folder; use letters, digits, '-' and '_'."
                 )
         return self
+
+    @model_validator(mode="after")
+    def _check_sampling_models(self) -> RunConfig:
+        models = self.sampling.models or []
+        unknown = [name for name in models if name not in self.models]
+        if unknown:
+            raise ValueError(
+                f"sampling.models names {unknown}, which are not among the models "
+                f"{sorted(self.models)}; list models defined in `models`."
+            )
+        if len(set(models)) != len(models):
+            raise ValueError(f"sampling.models={models} names a model twice; list each once.")
+        return self
+
+    @property
+    def sampling_models(self) -> list[str]:
+        """Models that sample, in order (their index m gives sample_idx = m G + g)."""
+        return list(self.sampling.models or [self.reference_model])
 
     @property
     def candidates(self) -> list[str]:

@@ -44,7 +44,7 @@ _OPTIONS = (
     ("unit", "unit"),
     ("include_eos", "EOS"),
     ("weights_mode", "weights"),
-    ("estimand", "estimand"),
+    ("uncertainty_estimand", "estimand"),
 )
 
 

@@ -24,7 +24,7 @@ def test_defaults_match_the_seeds() -> None:
     config = load_config(DEFAULT_CONFIG)
     assert config.entropy.unit == "sequence"
     assert config.entropy.include_eos is True
-    assert config.entropy.length_normalize_deltah1 is False
+    assert config.uncertainty.estimand == "prompt_set"
     assert config.reference_model == "p0"
     assert config.candidates == ["p1"]
     assert config.engine.dtype == "float32"

@@ -1,183 +1,362 @@
-"""Entropy estimators: Polars reduces sequences to per-prompt sums, NumPy finishes.
+"""Point estimates: per-sequence columns, per-prompt sums, and the registry's formulas.
 
-Nothing here knows about models or files. The input frame holds one row per sequence
-x_i sampled from p0 (DESIGN.md §2), with columns
+Nothing here knows about models or files. The input is the *paired frame*, a Polars
+frame with one row per sampled sequence x_i (notation of ``pipeline.stats.registry``):
 
-* ``prompt_id``;
-* ``log_w_raw`` = S1_i - S0_i over the full sequence (EOS included): log p1(x_i)/p0(x_i);
-* ``log_w``: the log-weights used for averaging (``log_w_raw`` itself, or clipped or
-  Pareto-smoothed, see ``weights``);
-* ``S0``, ``S1``: the entropy integrands, sums of teacher-forced log-probs (nats) over
-  the counted tokens (the final EOS dropped when ``include_eos`` is false);
-* ``L``: the number of counted tokens.
+========== ========= =====================================================================
+column     default   meaning
+========== ========= =====================================================================
+prompt_id  required  the prompt (sequences of one prompt are correlated)
+S0, S1     required  entropy integrands: sums of teacher-forced log-probs under the
+                     reference p0 and the candidate p1 over the counted tokens (nats)
+L          required  number of counted tokens
+d          required  S1_full - S0_full over the full sequence, EOS included (nats)
+L_full     L         full length, EOS included
+stratum    0         index of the sampling model that drew the sequence
+log_w0     0         raw log-weight of p0 against the proposal, log p0(x)/q(x)
+log_w1     d         raw log-weight of p1, log p1(x)/q(x)
+log_w      log_w1    the log-weights of p1 the estimates average with (``weights``)
+sample_idx (none)    only used to name a sequence in error messages
+========== ========= =====================================================================
 
-Every estimate is a smooth function of sums over prompts (``prompt_sums``), so the
-point estimate and each cluster-bootstrap replicate (``uncertainty``) are the same
-function (``estimates_from_totals``) of other totals. With w_i = exp(log_w_i - max log_w)
-(float64; the shift cancels in every ratio), E1[f] = sum w f / sum w (SNIS), and
-d = log_w_raw:
+The defaults describe sampling from p0 alone (q = p0, w0 = 1, w1 = exp(d)), so a
+synthetic test frame needs only the five required columns.
 
-================  ===============================  ======================================
-quantity          unit "sequence" (nats/sequence)  unit "per_token" (nats/token)
-================  ===============================  ======================================
-H(p0)             -sum S0 / N                      -sum S0 / sum L
-H(p1), SNIS       -sum w S1 / sum w                -sum w S1 / sum w L
-KL(p1 || p0)      sum w d / sum w                  sum w d / sum w L
-identity dH       -C - KL                          -(sum w S0/sum w L - sum S0/sum L) - KL
-first-order dH1   -mean_q Cov_q(S0, d)             -(mean_q Cov_q(S0, d)
-                                                     + h0 mean_q Cov_q(L, d)) / mean L
-================  ===============================  ======================================
+Computation (NumPy, float64): prompts get integer codes (sorted by ``prompt_id``);
+each atom of the registry is summed per prompt with ``np.bincount``; an estimate is its
+formula applied to the means m[a] = sum_i a_i / N. Weights are exponentiated after
+subtracting each prompt's largest log-weight, so no prompt's weights underflow; the
+run's totals rescale each prompt's sums by exp(max_q - max) (every self-normalised
+ratio is unchanged by the shift). Sums run in a fixed order, so every figure is
+reproducible bit for bit.
 
-C = sum w S0 / sum w - mean S0 is Cov_p0(w/E w, S0), so the identity row is the exact
-relation dH = -Cov_p0(w, l0) - KL(p1 || p0) evaluated with the same weights; it
-reproduces the SNIS dH up to rounding when ``include_eos`` is true (then S1 - S0 = d)
-and differs by the weighted mean EOS log-ratio otherwise.
-
-dH1 is the first-order term of dH in d (gradient-free: "entropy change = -Cov(log p,
-delta logit)"). Cov_q is the unbiased covariance over the samples of prompt q, so
-the between-prompt spread of means does not leak into it; h0 = -sum S0 / sum L.
-With ``length_normalize_deltah1`` the integrand is S0/L (nats/token) in both units.
-Bits = nats / ln 2. ESS = (sum w)^2 / sum w^2 (Kish).
+Public API: ``prepare`` (checks and groups a paired frame into ``Sequences``),
+``prompt_sums`` (``PromptSums``), ``estimates_from_means``, ``point_estimates``,
+``within_prompt_covariance``, and ``entropy_estimates`` (frame in, every point estimate
+in nats and bits out).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
 
-Unit = Literal["sequence", "per_token"]
-NATS_PER_BIT = math.log(2.0)
-# Estimates that get intervals and a bits twin.
-ESTIMATES = ("H0", "H1", "delta_H", "kl", "delta_H1")
+from pipeline.errors import PipelineError
+from pipeline.stats.registry import (
+    ATOMS,
+    ESTIMATES,
+    NATS_PER_BIT,
+    Atom,
+    Columns,
+    Estimate,
+    Unit,
+    atoms_needed,
+)
+
+REQUIRED_COLUMNS = ("prompt_id", "S0", "S1", "L", "d")
+# What each checked column holds, for error messages.
+_MEANING = {
+    "S0": "teacher-forced log-prob sum under the reference (integrand)",
+    "S1": "teacher-forced log-prob sum under the candidate (integrand)",
+    "d": "log-ratio S1 - S0 of the full sequences",
+    "log_w0": "log-weight of the reference against the sampling mixture",
+    "log_w1": "log-weight of the candidate against the sampling mixture",
+    "log_w": "stabilised log-weight of the candidate",
+}
 
 
-def _within_prompt_covariance(x: pl.Expr, y: pl.Expr) -> pl.Expr:
-    """Unbiased covariance of x and y within one group (use inside ``group_by().agg``)."""
-    return ((x - x.mean()) * (y - y.mean())).sum() / (pl.len() - 1)
-
-
-def prompt_sums(paired: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
-    """Per-prompt sufficient statistics of every estimator, one row per prompt.
-
-    Columns: ``n`` (sequences), ``sw``, ``sw2``, ``swS1``, ``swS0``, ``swL``, ``swD``
-    (sums of w, w^2, w S1, w S0, w L, w d), ``sS0``, ``sL``, and the within-prompt
-    covariances ``cS`` = Cov(S0, d), ``cL`` = Cov(L, d), ``cR`` = Cov(S0/L, d)
-    (null for a prompt with one sequence).
-    """
-    log_w = pl.col("log_w")
-    w = (log_w - log_w.max()).exp()
-    d = pl.col("log_w_raw")
-    per_token_s0 = pl.col("S0") / pl.col("L").clip(lower_bound=1)
-    frame = paired.lazy().with_columns(w=w, L=pl.col("L").cast(pl.Float64))
-    w, length = pl.col("w"), pl.col("L")
-    return (
-        frame.group_by("prompt_id")
-        .agg(
-            n=pl.len(),
-            sw=w.sum(),
-            sw2=(w * w).sum(),
-            swS1=(w * pl.col("S1")).sum(),
-            swS0=(w * pl.col("S0")).sum(),
-            swL=(w * length).sum(),
-            swD=(w * d).sum(),
-            sS0=pl.col("S0").sum(),
-            sL=length.sum(),
-            cS=_within_prompt_covariance(pl.col("S0"), d),
-            cL=_within_prompt_covariance(length, d),
-            cR=_within_prompt_covariance(per_token_s0, d),
+def complete_paired(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with the optional columns of a paired frame filled by their defaults."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"paired frame lacks the column(s) {missing}; see pipeline.stats.estimators"
         )
-        .sort("prompt_id")
-        .collect(engine="streaming")
-    )
-
-
-SUM_COLUMNS = ("n", "sw", "sw2", "swS1", "swS0", "swL", "swD", "sS0", "sL", "cS", "cL", "cR")
-
-
-def estimates_from_totals(
-    totals: dict[str, np.ndarray],
-    num_prompts: int | np.ndarray,
-    unit: Unit,
-    length_normalize_deltah1: bool,
-) -> dict[str, np.ndarray]:
-    """Every estimate (nats) from summed ``prompt_sums`` columns; vectorised over replicates.
-
-    ``totals[c]`` is the sum over (possibly resampled) prompts of column c; covariance
-    columns are averaged over ``num_prompts``.
-    """
-    t = totals
-    kl_denominator = t["sw"] if unit == "sequence" else t["swL"]
-    if unit == "sequence":
-        h0 = -t["sS0"] / t["n"]
-        h1 = -t["swS1"] / t["sw"]
-        reweighting = t["swS0"] / t["sw"] - t["sS0"] / t["n"]
-    else:
-        h0 = -t["sS0"] / t["sL"]
-        h1 = -t["swS1"] / t["swL"]
-        reweighting = t["swS0"] / t["swL"] - t["sS0"] / t["sL"]
-    kl = t["swD"] / kl_denominator
-    if length_normalize_deltah1:
-        delta_h1 = -t["cR"] / num_prompts
-    elif unit == "sequence":
-        delta_h1 = -t["cS"] / num_prompts
-    else:
-        h0_per_token = -t["sS0"] / t["sL"]
-        delta_h1 = -(t["cS"] + h0_per_token * t["cL"]) / t["sL"] * t["n"] / num_prompts
-    identity = -reweighting - kl
-    return {
-        "H0": h0,
-        "H1": h1,
-        "delta_H": h1 - h0,
-        "kl": kl,
-        "delta_H1": delta_h1,
-        "identity_delta_H": identity,
-        "identity_discrepancy": identity - (h1 - h0),
-        "ess": t["sw"] ** 2 / t["sw2"],
+    defaults = {
+        "L_full": pl.col("L"),
+        "stratum": pl.lit(0, dtype=pl.Int64),
+        "log_w0": pl.lit(0.0, dtype=pl.Float64),
+        "log_w1": pl.col("d"),
     }
-
-
-def totals_of(sums: pl.DataFrame) -> dict[str, np.ndarray]:
-    """Column sums of ``prompt_sums`` (float64 scalars as 0-d arrays)."""
-    return {c: np.asarray(sums[c].sum(), dtype=np.float64) for c in SUM_COLUMNS}
-
-
-def entropy_estimates(
-    paired: pl.LazyFrame | pl.DataFrame,
-    unit: Unit,
-    length_normalize_deltah1: bool = False,
-    sums: pl.DataFrame | None = None,
-) -> dict[str, float]:
-    """Point estimates (nats and bits), ESS and the log-weight range of one candidate.
-
-    Per-token NLLs are reported in any unit: -sum S0 / sum L under p0 and
-    -sum w S1 / sum w L under p1 (the per-token entropies). ``sums`` is
-    ``prompt_sums(paired)`` when the caller already has it.
-    """
-    if sums is None:
-        sums = prompt_sums(paired)
-    totals = totals_of(sums)
-    estimates = estimates_from_totals(totals, sums.height, unit, length_normalize_deltah1)
-    per_token = estimates_from_totals(totals, sums.height, "per_token", length_normalize_deltah1)
-    log_w = (
-        paired.lazy()
-        .select(
-            log_weight_min=pl.col("log_w_raw").min(),
-            log_weight_median=pl.col("log_w_raw").median(),
-            log_weight_max=pl.col("log_w_raw").max(),
-        )
-        .collect()
-        .row(0, named=True)
+    frame = frame.with_columns(
+        **{name: value for name, value in defaults.items() if name not in frame.columns}
     )
-    row: dict[str, float] = {f"{k}_nats": float(v) for k, v in estimates.items() if k != "ess"}
-    row["per_token_nll_p0_nats"] = float(per_token["H0"])
-    row["per_token_nll_p1_nats"] = float(per_token["H1"])
-    for name in (*ESTIMATES, "per_token_nll_p0", "per_token_nll_p1"):
-        row[f"{name}_bits"] = row[f"{name}_nats"] / NATS_PER_BIT
-    row["ess"] = float(estimates["ess"])
-    row["num_sequences"] = int(totals["n"])
-    row["ess_fraction"] = row["ess"] / row["num_sequences"]
-    row.update(log_w)
+    if "log_w" not in frame.columns:
+        frame = frame.with_columns(log_w=pl.col("log_w1"))
+    return frame
+
+
+def check_finite(frame: pl.DataFrame) -> None:
+    """Refuse a paired frame with a NaN or infinite log-prob sum or log-weight.
+
+    A model that gives a sampled token probability 0 (or a broken checkpoint) makes
+    S infinite; every estimate would silently become NaN or infinite.
+    """
+    columns = [c for c in _MEANING if c in frame.columns]
+    bad = frame.select(
+        [(~pl.col(c).cast(pl.Float64).is_finite()).sum().alias(c) for c in columns]
+    ).row(0, named=True)
+    for column, count in bad.items():
+        if count:
+            first = frame.filter(~pl.col(column).cast(pl.Float64).is_finite()).row(0, named=True)
+            where = f"prompt {first['prompt_id']!r}"
+            if "sample_idx" in first:
+                where += f", sample {first['sample_idx']}"
+            raise PipelineError(
+                f"{count} sequence(s) have a non-finite {_MEANING[column]} ({column} = "
+                f"{first[column]}; first: {where}). A model gave a sampled token "
+                "probability 0 or produced NaN; check the model files and engine.dtype."
+            )
+
+
+def _prompt_codes(prompt_id: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """Integer code of each row's prompt (0 .. Q-1 in sorted id order), and the ids."""
+    runs = prompt_id.rle_id().to_numpy().astype(np.int64)
+    starts = np.flatnonzero(np.diff(runs, prepend=-1))
+    run_ids = prompt_id.gather(starts)
+    if run_ids.n_unique() == len(run_ids):
+        # Each prompt's sequences are contiguous (as the run writes them): sort the
+        # Q run ids, not the N rows.
+        order = run_ids.arg_sort().to_numpy()
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        return rank[runs], run_ids.gather(order)
+    codes = prompt_id.rank("dense").to_numpy().astype(np.int64) - 1
+    return codes, prompt_id.unique().sort()
+
+
+def _group_max(values: np.ndarray, codes: np.ndarray, groups: int) -> np.ndarray:
+    result = np.full(groups, -np.inf)
+    np.maximum.at(result, codes, values)
+    return result
+
+
+@dataclass(frozen=True)
+class Covariance:
+    """Within-prompt covariances under p0 of x and d, and their jackknife pieces.
+
+    ``per_prompt``: Cov_q (null-valued NaN for a prompt with one sequence).
+    ``pseudo``: per sequence, -(n_q - 1) Cov_q(without that sequence), the jackknife's
+    influence of the sequence up to a per-prompt constant (NaN when n_q < 3).
+    """
+
+    per_prompt: np.ndarray
+    pseudo: np.ndarray
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """A checked paired frame as arrays, grouped by prompt and by stratum.
+
+    ``prompt`` codes index ``prompt_ids``; a stratum is one (prompt, sampling model)
+    pair, coded ``prompt * num_models + stratum``, so ``stratum // num_models`` is its
+    prompt. ``weights[w]`` holds exp(log w - max over the prompt), ``scale[w]`` the
+    per-prompt factor exp(max_q - max over the run) back to a common shift, and
+    ``run_weights[w]`` exp(log w - max over the run).
+    """
+
+    prompt_ids: pl.Series
+    prompt: np.ndarray
+    stratum: np.ndarray
+    num_models: int
+    prompt_size: np.ndarray
+    stratum_size: np.ndarray
+    columns: Columns
+    log_w1: np.ndarray
+    log_w: np.ndarray
+    weights: Mapping[str, np.ndarray]
+    scale: Mapping[str, np.ndarray]
+    run_weights: Mapping[str, np.ndarray]
+    # Within-prompt covariances by atom name, computed once (``covariance``).
+    covariances: dict[str, Covariance] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_sequences(self) -> int:
+        """N."""
+        return len(self.prompt)
+
+    @property
+    def num_prompts(self) -> int:
+        """Q."""
+        return len(self.prompt_ids)
+
+
+def _float(frame: pl.DataFrame, column: str) -> np.ndarray:
+    return frame[column].cast(pl.Float64).to_numpy()
+
+
+def prepare(frame: pl.DataFrame) -> Sequences:
+    """Check a paired frame (columns, finiteness) and group it into ``Sequences``."""
+    frame = complete_paired(frame)
+    check_finite(frame)
+    prompt, prompt_ids = _prompt_codes(frame["prompt_id"])
+    num_prompts = len(prompt_ids)
+    model = frame["stratum"].cast(pl.Int64).to_numpy()
+    num_models = int(model.max()) + 1 if len(model) else 1
+    stratum = prompt * num_models + model
+    S0, S1, d = _float(frame, "S0"), _float(frame, "S1"), _float(frame, "d")
+    length = _float(frame, "L")
+    with np.errstate(divide="ignore"):
+        inv_length = np.where(length > 0, 1.0 / length, 0.0)
+    columns = Columns(
+        S0=S0,
+        S1=S1,
+        L=length,
+        L_full=_float(frame, "L_full"),
+        d=d,
+        e=d - (S1 - S0),
+        inv_L=inv_length,
+    )
+    weights, scale, run_weights = {}, {}, {}
+    for name, column in (("w0", "log_w0"), ("w1", "log_w")):
+        log_w = _float(frame, column)
+        prompt_max = _group_max(log_w, prompt, num_prompts)
+        weights[name] = np.exp(log_w - prompt_max[prompt])
+        scale[name] = np.exp(prompt_max - prompt_max.max())
+        run_weights[name] = np.exp(log_w - prompt_max.max())
+    return Sequences(
+        prompt_ids=prompt_ids,
+        prompt=prompt,
+        stratum=stratum,
+        num_models=num_models,
+        prompt_size=np.bincount(prompt, minlength=num_prompts),
+        stratum_size=np.bincount(stratum, minlength=num_prompts * num_models),
+        columns=columns,
+        log_w1=_float(frame, "log_w1"),
+        log_w=_float(frame, "log_w"),
+        weights=weights,
+        scale=scale,
+        run_weights=run_weights,
+    )
+
+
+def _sum(seqs: Sequences, values: np.ndarray | float) -> np.ndarray:
+    """Per-prompt sums of a per-sequence array (or of a constant)."""
+    if np.ndim(values) == 0:
+        return seqs.prompt_size * float(values)
+    return np.bincount(seqs.prompt, weights=values, minlength=seqs.num_prompts)
+
+
+def within_prompt_covariance(seqs: Sequences, x: np.ndarray) -> Covariance:
+    """Cov_q(x, d) = sum w0 (x - x_w)(d - d_w) / (sum w0 - sum w0^2 / sum w0) per prompt.
+
+    With w0 = 1 this is the unbiased covariance. Deviations from the weighted prompt
+    means are formed first (two passes), so large common offsets of S0 do not cancel
+    digits. The delete-one values come in closed form, by removing sequence j from its
+    prompt's sums.
+    """
+    w, d, p = seqs.weights["w0"], seqs.columns.d, seqs.prompt
+    sw, sw2 = _sum(seqs, w), _sum(seqs, w * w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xc = x - (_sum(seqs, w * x) / sw)[p]
+        dc = d - (_sum(seqs, w * d) / sw)[p]
+        sx, sd, sxd = _sum(seqs, w * xc), _sum(seqs, w * dc), _sum(seqs, w * xc * dc)
+        cov = (sxd - sx * sd / sw) / (sw - sw2 / sw)
+        rest = sw[p] - w
+        rest_x, rest_d = sx[p] - w * xc, sd[p] - w * dc
+        left_out = (sxd[p] - w * xc * dc - rest_x * rest_d / rest) / (
+            rest - (sw2[p] - w * w) / rest
+        )
+    return Covariance(cov, -(seqs.prompt_size[p] - 1) * left_out)
+
+
+def covariance(seqs: Sequences, atom: Atom) -> Covariance:
+    """The within-prompt covariance of a covariance atom (computed once per ``seqs``)."""
+    if atom.name not in seqs.covariances:
+        x = np.broadcast_to(atom.integrand(seqs.columns), seqs.prompt.shape)
+        seqs.covariances[atom.name] = within_prompt_covariance(seqs, x)
+    return seqs.covariances[atom.name]
+
+
+def atom_values(seqs: Sequences, atom: Atom, run_shift: bool = False) -> np.ndarray | float:
+    """Per-sequence values of a sum atom: each prompt's own weight shift, or the run's."""
+    integrand = atom.integrand(seqs.columns)
+    if atom.weight is None:
+        return integrand
+    weights = seqs.run_weights if run_shift else seqs.weights
+    return weights[atom.weight] * integrand
+
+
+@dataclass(frozen=True)
+class PromptSums:
+    """Per-prompt sums of atoms (Q x k), each prompt with its own weight shift.
+
+    ``scale`` (Q x k) turns them into sums with the run's common shift; a covariance
+    atom's "sum" is n_q Cov_q (scale 1).
+    """
+
+    names: tuple[str, ...]
+    local: np.ndarray
+    scale: np.ndarray
+
+    def column(self, name: str) -> int:
+        """Position of atom ``name``."""
+        return self.names.index(name)
+
+    def run_matrix(self) -> np.ndarray:
+        """Per-prompt sums on the run's common weight shift (bootstrap input)."""
+        return self.local * self.scale
+
+    def run_means(self) -> dict[str, float]:
+        """m[a] over the whole run."""
+        totals = self.run_matrix().sum(axis=0)
+        return {
+            name: float(t / totals[self.column("n")])
+            for name, t in zip(self.names, totals, strict=True)
+        }
+
+    def prompt_means(self) -> dict[str, np.ndarray]:
+        """m[a] within each prompt (arrays over prompts)."""
+        sizes = self.local[:, self.column("n")]
+        return {name: self.local[:, j] / sizes for j, name in enumerate(self.names)}
+
+
+def prompt_sums(seqs: Sequences, names: tuple[str, ...] | None = None) -> PromptSums:
+    """Per-prompt sums of the atoms ``names`` (default: every atom an estimate reads)."""
+    names = atoms_needed() if names is None else names
+    local = np.empty((seqs.num_prompts, len(names)))
+    scale = np.ones_like(local)
+    for j, name in enumerate(names):
+        atom = ATOMS[name]
+        if atom.covariance:
+            local[:, j] = seqs.prompt_size * covariance(seqs, atom).per_prompt
+        else:
+            local[:, j] = _sum(seqs, atom_values(seqs, atom))
+            if atom.weight is not None:
+                scale[:, j] = seqs.scale[atom.weight]
+    return PromptSums(tuple(names), local, scale)
+
+
+def estimates_from_means(
+    means: Mapping[str, Any], unit: Unit, estimates: tuple[Estimate, ...] = ESTIMATES
+) -> dict[str, Any]:
+    """Each estimate's formula on ``means`` (floats, arrays or linearised means).
+
+    An undefined value (0/0, e.g. a covariance of one sequence) is NaN.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {e.name: e.formula(means, unit) for e in estimates}
+
+
+def point_estimates(sums: PromptSums, unit: Unit) -> dict[str, float]:
+    """Every estimate of the registry (nats) from the run's per-prompt sums."""
+    return {k: float(v) for k, v in estimates_from_means(sums.run_means(), unit).items()}
+
+
+def with_bits(values: Mapping[str, float], suffix: str = "") -> dict[str, float]:
+    """``{name}{suffix}_nats`` and ``{name}{suffix}_bits`` (nats / ln 2) for each value."""
+    row = {}
+    for name, value in values.items():
+        row[f"{name}{suffix}_nats"] = value
+        row[f"{name}{suffix}_bits"] = value / NATS_PER_BIT
     return row
+
+
+def entropy_estimates(frame: pl.DataFrame, unit: Unit) -> dict[str, float]:
+    """Every point estimate of a paired frame, as ``<name>_nats`` and ``<name>_bits``."""
+    seqs = prepare(frame)
+    return with_bits(point_estimates(prompt_sums(seqs), unit))

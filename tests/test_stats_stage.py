@@ -1,0 +1,153 @@
+"""The stats stage on synthetic run directories (no model): paired frames, the summary
+and per_prompt.parquet against the independent implementation in tests/reference.py,
+for sampling from the reference alone and from a mixture of models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts import SEQUENCE_SCHEMA, part_name, write_table
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import PipelineError
+from pipeline.stats.registry import (
+    PER_PROMPT_SCHEMA,
+    SUMMARY_SCHEMA,
+    candidate_keys,
+)
+from pipeline.stats.summary import (
+    PER_PROMPT_PARQUET,
+    compute_summary,
+    generation_diagnostics,
+    paired_frame,
+    write_summary,
+)
+from tests.conftest import DEFAULT_CONFIG
+from tests.reference import reference_per_prompt, reference_summary
+from tests.synthetic import write_run as _write_run
+
+
+def _config(*overrides: str) -> RunConfig:
+    return load_config(DEFAULT_CONFIG, list(overrides))
+
+
+def test_one_sampling_model_gives_unit_reference_weights_exactly(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=4, per_model=3)
+    frame = paired_frame(run_dir, "p0", "p1", True, ["p0"], 3)
+    assert frame["log_w0"].to_list() == [0.0] * 12
+    assert frame["log_w1"].to_list() == frame["d"].to_list()
+    assert frame["stratum"].to_list() == [0] * 12
+
+
+def test_mixture_log_weights_use_the_balance_heuristic(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1", "p2"], ["p0", "p1"], prompts=3, per_model=2)
+    frame = paired_frame(run_dir, "p0", "p2", False, ["p0", "p1"], 2)
+    s = {
+        m: np.concatenate(
+            [pq.read_table(p)["S"].to_numpy() for p in sorted((run_dir / "scores" / m).iterdir())]
+        )
+        for m in ("p0", "p1", "p2")
+    }
+    log_q = np.log((np.exp(s["p0"]) + np.exp(s["p1"])) / 2)
+    assert frame["log_w0"].to_numpy() == pytest.approx(s["p0"] - log_q, abs=1e-12)
+    assert frame["log_w1"].to_numpy() == pytest.approx(s["p2"] - log_q, abs=1e-12)
+    assert frame["stratum"].to_list() == [0, 0, 1, 1] * 3
+    # The mixture's weights are bounded by the number of sampling models.
+    assert np.exp(frame["log_w0"].to_numpy()).max() <= 2
+
+
+def test_decode_diagnostic_compares_with_the_model_that_sampled(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0", "p1"], prompts=2, per_model=2)
+    assert (
+        generation_diagnostics(run_dir, ["p0", "p1"], 2)["max_abs_decode_vs_prefill_logprob_diff"]
+        == 0.0
+    )
+    # Compared with p0 alone, p1's samples would differ.
+    assert generation_diagnostics(run_dir, ["p0"], 2)["max_abs_decode_vs_prefill_logprob_diff"] > 0
+
+
+SETTINGS = [
+    ("sequence", True, ["p0"]),
+    ("per_token", False, ["p0"]),
+    ("sequence", False, ["p0", "p1"]),
+    ("per_token", True, ["p0", "p1"]),
+]
+
+
+@pytest.mark.parametrize(("unit", "include_eos", "sampling"), SETTINGS)
+def test_every_figure_equals_the_reference(
+    tmp_path: Path, unit: str, include_eos: bool, sampling: list[str]
+) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1"], sampling, prompts=6, per_model=4)
+    config = _config(
+        f"entropy.unit={unit}",
+        f"entropy.include_eos={str(include_eos).lower()}",
+        "sampling.num_samples=4",
+        f"sampling.models=[{', '.join(sampling)}]",
+    )
+    summary = compute_summary(run_dir, config)
+    expected = reference_summary(
+        run_dir, "p0", "p1", unit, include_eos, sampling_models=sampling, num_samples=4
+    )
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+    assert list(summary["candidates"]["p1"]) == candidate_keys()
+
+
+@pytest.mark.parametrize(("unit", "include_eos"), [("sequence", False), ("per_token", True)])
+def test_per_prompt_table_equals_the_reference(
+    tmp_path: Path, unit: str, include_eos: bool
+) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=5, per_model=6)
+    config = _config(f"entropy.unit={unit}", f"entropy.include_eos={str(include_eos).lower()}")
+    summary = compute_summary(run_dir, config)
+    table = pq.read_table(run_dir / PER_PROMPT_PARQUET)
+    assert table.schema.remove_metadata().equals(PER_PROMPT_SCHEMA)
+    metadata = table.schema.metadata
+    assert metadata[b"unit"] == unit.encode()
+    assert metadata[b"content"] == b"per_prompt"
+    expected = reference_per_prompt(run_dir, "p0", "p1", unit, include_eos)
+    rows = table.to_pylist()
+    assert [r["prompt_id"] for r in rows] == sorted(expected)
+    for row in rows:
+        assert row["candidate"] == "p1"
+        assert row["num_sequences"] == 6
+        for key, value in expected[row["prompt_id"]].items():
+            assert row[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    # The summary lists the prompts that moved most relative to their error.
+    z = {r["prompt_id"]: abs(r["delta_H_nats"] / r["delta_H_se_nats"]) for r in rows}
+    listed = [p["prompt_id"] for p in summary["prompts_largest_delta_H"]]
+    assert listed == sorted(z, key=z.__getitem__, reverse=True)
+
+
+def test_summary_files_follow_the_declared_schemas(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=3, per_model=1)
+    summary = compute_summary(run_dir, _config("sampling.num_samples=1"))
+    # One completion per prompt: prompt-set SEs are undefined -> null, with a warning.
+    assert math.isnan(summary["H0_se_nats"])
+    assert any("single completion" in w for w in summary["warnings"])
+    write_summary(run_dir, {**summary, "config_hash": "abc", "run_started_at": "now"})
+    table = pq.read_table(run_dir / "summary.parquet")
+    assert table.schema.remove_metadata().equals(SUMMARY_SCHEMA)
+    row = table.to_pylist()[0]
+    assert row["H0_se_nats"] is None
+    assert row["candidate"] == "p1"
+    assert row["config_hash"] == "abc"
+    assert row["num_warnings"] == len(summary["candidates"]["p1"]["warnings"])
+    per_prompt = pq.read_table(run_dir / PER_PROMPT_PARQUET).to_pylist()
+    assert all(r["H0_se_nats"] is None and r["H0_nats"] is not None for r in per_prompt)
+
+
+def test_non_finite_scores_are_refused_naming_the_candidate(tmp_path: Path) -> None:
+    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=2, per_model=3)
+    path = run_dir / "scores" / "p1" / part_name(0)
+    rows = pq.read_table(path).to_pylist()
+    rows[1]["S"] = -math.inf
+    write_table(pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA), path, {"content": "synthetic"})
+    with pytest.raises(PipelineError, match=r"candidate 'p1': .*non-finite.*prompt 'prompt-00'"):
+        compute_summary(run_dir, _config("sampling.num_samples=3"))
