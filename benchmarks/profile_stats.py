@@ -6,10 +6,11 @@ Usage::
 
 Runs the steps of ``pipeline.stats.summary.compute_summary`` one by one, in its order
 and with the run's statistics options, for the first candidate, calling the
-pipeline's own functions: the paired frame, the weights, ``prompt_sums``, the point
-estimates, the bootstrap, and the generation diagnostics. A thread samples
-the process's RSS every 20 ms; each step reports its seconds, the RSS after it and
-the peak RSS while it ran. Nothing is written into the run directory.
+pipeline's own functions: the paired frame, the weights, grouping, ``prompt_sums``,
+the point estimates, both estimands' errors (prompt-set influence functions and the
+population bootstrap), weight diagnostics, the per-prompt table, and the generation
+diagnostics. A thread samples the process's RSS every 20 ms; each step reports its
+seconds, the RSS after it and the peak RSS while it ran. Nothing is written into the run directory.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from _common import MIB, argument_parser
 
 from pipeline.artifacts import read_manifest
 from pipeline.config import validate_config
-from pipeline.stats.estimators import entropy_estimates, prompt_sums
-from pipeline.stats.summary import generation_diagnostics, paired_frame
-from pipeline.stats.uncertainty import cluster_bootstrap
-from pipeline.stats.weights import stabilise_log_weights
+from pipeline.stats.estimators import complete_paired, point_estimates, prepare, prompt_sums
+from pipeline.stats.summary import generation_diagnostics, paired_frame, per_prompt_table
+from pipeline.stats.uncertainty import cluster_bootstrap, prompt_set_errors
+from pipeline.stats.weights import stabilise_log_weights, weight_diagnostics
 
 
 class PeakSampler:
@@ -101,39 +102,49 @@ def profile(run_dir: Path, replicates: int) -> list[dict[str, Any]]:
         print(json.dumps(steps[-1]), file=sys.stderr, flush=True)
         return result
 
+    sampling, num_samples = config.sampling_models, config.sampling.num_samples
     state["paired"] = step(
         "paired_frame (scan, side by side, streaming collect)",
-        lambda: paired_frame(run_dir, reference, candidate, entropy.include_eos),
+        lambda: complete_paired(
+            paired_frame(run_dir, reference, candidate, entropy.include_eos, sampling, num_samples)
+        ),
     )
-    log_w, _ = step(
-        "stabilise_log_weights",
+    stabilised = step(
+        "stabilise_log_weights (k-hat in every mode)",
         lambda: stabilise_log_weights(
-            state["paired"]["log_w_raw"].to_numpy(), weights.mode, weights.clip_threshold
+            state["paired"]["log_w1"].to_numpy(), weights.mode, weights.clip_threshold
         ),
     )
-    state["paired"] = state["paired"].with_columns(log_w=pl.Series(log_w))
-    state["sums"] = step("prompt_sums", lambda: prompt_sums(state["paired"]))
+    state["seqs"] = step(
+        "prepare (checks, prompt codes, weights)",
+        lambda: prepare(state["paired"].with_columns(log_w=pl.Series(stabilised.log_w))),
+    )
+    state["paired"] = None
+    state["sums"] = step("prompt_sums", lambda: prompt_sums(state["seqs"]))
+    step("point_estimates", lambda: point_estimates(state["sums"], entropy.unit))
     step(
-        "entropy_estimates (from the sums; log-weight median)",
-        lambda: entropy_estimates(
-            state["paired"], entropy.unit, entropy.length_normalize_deltah1, state["sums"]
-        ),
+        "prompt_set_errors (influence functions)",
+        lambda: prompt_set_errors(state["seqs"], state["sums"], entropy.unit),
     )
     step(
-        f"cluster_bootstrap ({replicates} replicates)",
+        f"cluster_bootstrap ({replicates} replicates; population estimand)",
         lambda: cluster_bootstrap(
             state["sums"],
             entropy.unit,
-            entropy.length_normalize_deltah1,
             uncertainty.replicates,
             uncertainty.seed,
             uncertainty.level,
         ),
     )
+    step("weight_diagnostics", lambda: weight_diagnostics(state["seqs"]))
+    step(
+        "per_prompt_table (per-prompt estimates and SEs)",
+        lambda: per_prompt_table(state["seqs"], state["sums"], entropy.unit, candidate),
+    )
     state.clear()
     step(
         "generation_diagnostics (counts; decode vs prefill, side by side)",
-        lambda: generation_diagnostics(run_dir, reference),
+        lambda: generation_diagnostics(run_dir, sampling, num_samples),
     )
     sampler.stop()
     return steps

@@ -11,7 +11,8 @@ Usage::
    was made with the same size, G and seed), then reads every file once so that both
    implementations start with the Parquet files in the page cache.
 2. Runs, alternately and ``--repeats`` times each, (a) ``entropy-pipeline stats
-   RUN_DIR uncertainty.replicates=R`` and (b) ``numpy_baseline.py RUN_DIR
+   RUN_DIR uncertainty.estimand=population uncertainty.replicates=R`` (the cluster
+   bootstrap, as the baseline computes) and (b) ``numpy_baseline.py RUN_DIR
    --replicates R``, each in a fresh process. The wall time is taken around the
    child; its peak resident set size and CPU time come from ``os.wait4`` (the
    kernel's rusage of exactly that child).
@@ -435,8 +436,8 @@ def write_results(
         )
     lines += [
         "- statistics options: the defaults of the synthetic config (unit sequence, "
-        f"include_eos true, weights none), uncertainty.replicates={args.replicates}, "
-        "bootstrap seed 0.",
+        "include_eos true, weights none), uncertainty.estimand=population, "
+        f"uncertainty.replicates={args.replicates}, bootstrap seed 0.",
         "",
         "## Library versions",
         "",
@@ -497,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             entropy_pipeline_executable(),
             "stats",
             str(run_dir),
+            "uncertainty.estimand=population",
             f"uncertainty.replicates={args.replicates}",
         ],
         NUMPY: [sys.executable, str(BASELINE), str(run_dir), "--replicates", str(args.replicates)],
