@@ -68,7 +68,13 @@ class SamplingConfig(_Closed):
     """
 
     num_samples: Annotated[int, Field(gt=0, le=4096)] = Field(
-        default=8, description="G: completions sampled per prompt."
+        default=8, description="G: completions sampled per prompt (by each sampling model)."
+    )
+    models: Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description="Models that sample, each G completions per prompt; estimates use "
+        "their equal mixture as the proposal (balance heuristic), which keeps the "
+        "weights bounded when a candidate moved far. null: the reference model alone.",
     )
     max_tokens: Annotated[int, Field(gt=0)] = Field(
         default=48, description="Length limit of a completion in tokens."
@@ -307,6 +313,24 @@ class RunConfig(_Closed):
                     f"model name {name!r} cannot name a folder; use letters, digits, '-' and '_'."
                 )
         return self
+
+    @model_validator(mode="after")
+    def _check_sampling_models(self) -> RunConfig:
+        models = self.sampling.models or []
+        unknown = [name for name in models if name not in self.models]
+        if unknown:
+            raise ValueError(
+                f"sampling.models names {unknown}, which are not among the models "
+                f"{sorted(self.models)}; list models defined in `models`."
+            )
+        if len(set(models)) != len(models):
+            raise ValueError(f"sampling.models={models} names a model twice; list each once.")
+        return self
+
+    @property
+    def sampling_models(self) -> list[str]:
+        """Models that sample, in order (their index m gives sample_idx = m G + g)."""
+        return list(self.sampling.models or [self.reference_model])
 
     @property
     def candidates(self) -> list[str]:
