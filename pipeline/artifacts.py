@@ -71,9 +71,45 @@ def prompts_dir(run_dir: Path) -> Path:
     return run_dir / "prompts"
 
 
-def samples_dir(run_dir: Path) -> Path:
-    """Folder of the sampled sequences."""
-    return run_dir / "samples"
+def samples_dir(run_dir: Path, sampler: str | None = None) -> Path:
+    """Folder of the sampled sequences.
+
+    ``samples/`` holds the first sampling model's (the reference's, unless
+    ``sampling.models`` says otherwise); with mixture sampling each further sampling
+    model ``m`` has ``samples/<m>/``.
+    """
+    return run_dir / "samples" if sampler is None else run_dir / "samples" / sampler
+
+
+def sample_folders(run_dir: Path, sampling_models: list[str]) -> list[Path]:
+    """The samples folder of each sampling model, in ``sampling_models`` order."""
+    return [
+        samples_dir(run_dir, None if m == 0 else model) for m, model in enumerate(sampling_models)
+    ]
+
+
+def scan_samples(run_dir: Path, sampling_models: list[str]) -> pl.LazyFrame:
+    """Every sampled sequence, in the row order of the score parts.
+
+    Shard by shard, the first sampling model's rows, then the next one's, ...: the
+    order in which the score stage reads them, so samples and scores line up row for
+    row.
+    """
+    folders = sample_folders(run_dir, sampling_models)
+    parts = [sorted(folder.glob("part-*.parquet")) for folder in folders]
+    if not all(parts):
+        empty = folders[[bool(p) for p in parts].index(False)]
+        raise PipelineError(
+            f"no Parquet parts in {empty}: the stage that writes them did not finish."
+        )
+    ordered = [part for shard in zip(*parts, strict=False) for part in shard]
+    if any(len(p) != len(parts[0]) for p in parts):
+        raise PipelineError(
+            f"the sampling models' folders {[str(f) for f in folders]} hold different "
+            "numbers of shards: the sample stage did not finish for this run. Re-run "
+            "`entropy-pipeline run --out` on it."
+        )
+    return scan_checked(ordered, SEQUENCE_SCHEMA)
 
 
 def scores_dir(run_dir: Path, model: str) -> Path:

@@ -22,14 +22,18 @@ def fingerprint(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sampling_seed(run_seed: int, prompt_id: str) -> int:
-    """Per-prompt request seed: 62 bits of SHA-256(run seed, prompt id).
+def sampling_seed(run_seed: int, prompt_id: str, model: str | None = None) -> int:
+    """Per-prompt request seed: 62 bits of SHA-256(run seed, [model,] prompt id).
 
     vLLM gives the n samples of a request the seeds s, s+1, ..., s+n-1, so seeds of
     different prompts must be far apart: hashing spreads them over 2**62, and the
-    spare bits keep s + n inside a signed 64-bit integer.
+    spare bits keep s + n inside a signed 64-bit integer. The first sampling model
+    (``model`` None) keeps the seeds of a run without mixture sampling; every further
+    sampling model hashes its name in too, so its draws are independent of the
+    first's.
     """
-    digest = hashlib.sha256(f"{run_seed}\0{prompt_id}".encode()).digest()
+    key = f"{run_seed}\0{prompt_id}" if model is None else f"{run_seed}\0{model}\0{prompt_id}"
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 2
 
 
@@ -52,28 +56,36 @@ def prompts_inputs(
 
 def sample_inputs(
     config_sections: dict[str, Any],
-    reference_hash: str,
+    sampler: str,
+    sampler_index: int,
+    sampler_hash: str,
     prompts_fingerprint: str,
     libraries: dict[str, str],
 ) -> dict[str, Any]:
-    """Inputs of the sample stage (which also fix the sequences every score covers)."""
+    """Inputs of one sampling model's sample stage (its sequences, scored by all).
+
+    The list of sampling models is not an input: adding one to a finished run samples
+    only from the new one.
+    """
+    sampling = {k: v for k, v in config_sections["sampling"].items() if k != "models"}
     return {
         "seed": config_sections["seed"],
-        "sampling": config_sections["sampling"],
+        "sampling": sampling,
         "engine.dtype": config_sections["engine"]["dtype"],
-        "reference_model": config_sections["reference_model"],
-        "reference model content": reference_hash,
+        "sampling model": sampler,
+        "sampling model index": sampler_index,
+        "sampling model content": sampler_hash,
         "prompts": prompts_fingerprint,
         **{f"library {name}": libraries.get(name) for name in ENGINE_LIBRARIES},
     }
 
 
 def score_inputs(
-    sample_fingerprint: str, model_hash: str, dtype: str, libraries: dict[str, str]
+    sample_fingerprints: list[str], model_hash: str, dtype: str, libraries: dict[str, str]
 ) -> dict[str, Any]:
-    """Inputs of one model's score stage."""
+    """Inputs of one model's score stage: the samples of every sampling model, in order."""
     return {
-        "samples": sample_fingerprint,
+        "samples": sample_fingerprints,
         "model content": model_hash,
         "engine.dtype": dtype,
         **{f"library {name}": libraries.get(name) for name in ENGINE_LIBRARIES},

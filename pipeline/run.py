@@ -129,11 +129,23 @@ def _plan(config: RunConfig) -> _Plan:
     prompted = prompts_inputs(
         sections, prompt_file_digest(config.prompts.path), reference_hash, libraries
     )
-    sampled = sample_inputs(sections, reference_hash, fingerprint(prompted), libraries)
-    stage_inputs = {"prompts": prompted, "sample": sampled}
+    stage_inputs = {"prompts": prompted}
+    for index, sampler in enumerate(config.sampling_models):
+        stage_inputs[_sample_stage(config, index)] = sample_inputs(
+            sections,
+            sampler,
+            index,
+            identities[sampler]["content_sha256"],
+            fingerprint(prompted),
+            libraries,
+        )
+    samples = [
+        fingerprint(stage_inputs[_sample_stage(config, index)])
+        for index in range(len(config.sampling_models))
+    ]
     for name in config.models:
         stage_inputs[f"score/{name}"] = score_inputs(
-            fingerprint(sampled), identities[name]["content_sha256"], config.engine.dtype, libraries
+            samples, identities[name]["content_sha256"], config.engine.dtype, libraries
         )
     return _Plan(
         config=config,
@@ -147,11 +159,18 @@ def _plan(config: RunConfig) -> _Plan:
     )
 
 
+def _sample_stage(config: RunConfig, sampler_index: int) -> str:
+    """``sample`` for the first sampling model, ``sample/<model>`` for further ones."""
+    return "sample" if sampler_index == 0 else f"sample/{config.sampling_models[sampler_index]}"
+
+
 def _stage_folder(run_dir: Path, stage: str) -> Path:
     if stage == "prompts":
         return prompts_dir(run_dir)
     if stage == "sample":
         return samples_dir(run_dir)
+    if stage.startswith("sample/"):
+        return samples_dir(run_dir, stage.removeprefix("sample/"))
     return scores_dir(run_dir, stage.removeprefix("score/"))
 
 
@@ -190,7 +209,9 @@ def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
         )
     for stage in stale:
         _log(f"--force: starting {stage} over")
-        shutil.rmtree(_stage_folder(run_dir, stage), ignore_errors=True)
+        # Only the stage's own parts: samples/ also holds further samplers' folders.
+        for part in _stage_folder(run_dir, stage).glob("part-*.parquet"):
+            part.unlink()
         stages.pop(stage, None)
     return {**manifest, "stages": stages}
 
@@ -304,11 +325,16 @@ def _todo(task: StageTask, shard_rows: list[int], also: set[int]) -> list[int]:
 def _engine_tasks(
     plan: _Plan, run_dir: Path, prompts_record: dict[str, Any], max_model_len: int
 ) -> list[StageTask]:
-    """The sample task, then one score task per model (reference first)."""
+    """One sample task per sampling model, then one score task per model (reference first)."""
     config = plan.config
+    samplers = tuple(
+        (sampler, plan.fingerprint(_sample_stage(config, index)))
+        for index, sampler in enumerate(config.sampling_models)
+    )
     common = {
         "run_dir": run_dir.resolve(),
         "prompts_fingerprint": plan.fingerprint("prompts"),
+        "sampling_models": samplers,
         "engine": config.engine,
         "max_model_len": max_model_len,
         "longest_prompt_tokens": prompts_record["longest_prompt_tokens"],
@@ -316,25 +342,25 @@ def _engine_tasks(
         "sampling": config.sampling,
         "stop_token_ids": plan.stop_token_ids,
     }
-    reference = config.reference_model
     tasks = [
         StageTask(
             kind="sample",
-            model=reference,
-            model_path=plan.paths[reference],
-            fingerprint=plan.fingerprint("sample"),
-            samples_fingerprint=None,
+            model=sampler,
+            model_path=plan.paths[sampler],
+            fingerprint=sampler_fingerprint,
+            sampler_index=index,
             **common,
         )
+        for index, (sampler, sampler_fingerprint) in enumerate(samplers)
     ]
-    for name in [reference, *config.candidates]:
+    for name in [config.reference_model, *config.candidates]:
         tasks.append(
             StageTask(
                 kind="score",
                 model=name,
                 model_path=plan.paths[name],
                 fingerprint=plan.fingerprint(f"score/{name}"),
-                samples_fingerprint=plan.fingerprint("sample"),
+                sampler_index=-1,
                 **common,
             )
         )
@@ -367,7 +393,8 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
             "seeds": {
                 "run_seed": config.seed,
                 "per_prompt": "first 62 bits of sha256(run_seed NUL prompt_id), "
-                "column sampling_seed of prompts/",
+                "column sampling_seed of prompts/; a further sampling model m: of "
+                "sha256(run_seed NUL m NUL prompt_id)",
             },
             "execution": config.execution.model_dump(mode="json"),
             "inputs": plan.stage_inputs,
@@ -382,24 +409,28 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
         raise
     group = config.sampling.num_samples
     shard_sizes = prompts_record["shard_sizes"]
-    sequence_rows = [size * group for size in shard_sizes]
+    sample_rows = [size * group for size in shard_sizes]
+    score_rows = [rows * len(config.sampling_models) for rows in sample_rows]
     # Just what the prompts need, within the models' context, unless set explicitly.
     max_model_len = config.engine.max_model_len or min(
         plan.model_context, prompts_record["longest_prompt_tokens"] + config.sampling.max_tokens + 1
     )
     manifest.set("engine", {"max_model_len": max_model_len})
+    samplers = " + ".join(config.sampling_models)
     _log(
-        f"entropy-pipeline: {prompts_record['num_prompts']} prompts x {group} samples in "
-        f"{len(shard_sizes)} shard(s) -> {run_dir}"
+        f"entropy-pipeline: {prompts_record['num_prompts']} prompts x {group} samples "
+        f"from {samplers} in {len(shard_sizes)} shard(s) -> {run_dir}"
     )
     remade: set[int] = set()
     with open_executor(config.execution) as executor:
         manifest.set("executor", executor.description())
         for task in _engine_tasks(plan, run_dir, prompts_record, max_model_len):
-            # Re-made samples invalidate every model's scores of those shards.
-            todo = _todo(task, sequence_rows, remade if task.kind == "score" else set())
             if task.kind == "sample":
-                remade = set(todo)
+                todo = _todo(task, sample_rows, set())
+                remade |= set(todo)
+            else:
+                # Re-made samples invalidate every model's scores of those shards.
+                todo = _todo(task, score_rows, remade)
             if not todo:
                 continue
             require_model_dir(task.model, task.model_path)  # it may have gone since planning

@@ -47,11 +47,15 @@ def sample_shard(
     sampling: SamplingConfig,
     stop_token_ids: frozenset[int],
     profile: EngineProfile,
+    first_sample_idx: int,
+    seeds: list[int],
 ) -> pa.Table:
     """Sample ``sampling.num_samples`` completions per prompt (SEQUENCE_SCHEMA rows).
 
-    ``prompts`` is one shard's prompts table (PROMPTS_SCHEMA). ``token_logprobs`` are
-    vLLM's decode-time log-probs of the sampled tokens; the estimates use
+    ``prompts`` is one shard's prompts table (PROMPTS_SCHEMA) and ``seeds`` the request
+    seed of each of its prompts. Completion g of a prompt gets ``sample_idx`` =
+    ``first_sample_idx`` + g (mixture sampling: m G + g for sampling model m).
+    ``token_logprobs`` are vLLM's decode-time log-probs of the sampled tokens; the estimates use
     teacher-forced ones, these only measure the mismatch. ``stop_token_ids`` is every
     id that ends a completion (EOS included), used to check that a completion ended
     by "stop" really ends with one. On CPU the requests go in batches that fit one
@@ -61,7 +65,6 @@ def sample_shard(
 
     prompt_ids = prompts.column("prompt_id").to_pylist()
     token_ids = prompts.column("prompt_token_ids").to_pylist()
-    seeds = prompts.column("sampling_seed").to_pylist()
     budget = None if profile.one_call_per_shard else profile.max_num_batched_tokens
     rows: list[dict[str, Any]] = []
     for batch in token_budget_batches([len(t) for t in token_ids], sampling.num_samples, budget):
@@ -98,7 +101,7 @@ def sample_shard(
                 rows.append(
                     sequence_row(
                         prompt_ids[i],
-                        completion.index,
+                        first_sample_idx + completion.index,
                         sampled,
                         completion.finish_reason,
                         logprobs,

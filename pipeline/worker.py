@@ -26,13 +26,14 @@ from pipeline.artifacts import (
     SEQUENCE_SCHEMA,
     part_name,
     prompts_dir,
-    samples_dir,
+    sample_folders,
     scores_dir,
     shard_problem,
     write_table,
 )
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.errors import PipelineError
+from pipeline.provenance import sampling_seed
 
 # Test hook: when the environment names a file here and that file exists, the first
 # worker to remove it SIGKILLs itself in the middle of its shard, so tests can check
@@ -50,7 +51,11 @@ class StageTask:
     run_dir: Path
     fingerprint: str  # stamped on every output part
     prompts_fingerprint: str  # expected on the prompts parts read
-    samples_fingerprint: str | None  # expected on the samples parts read (score only)
+    # Sampling models in order, each with the fingerprint of its samples; a sample
+    # task makes the samples of ``sampling_models[sampler_index]``, a score task reads
+    # them all.
+    sampling_models: tuple[tuple[str, str], ...]
+    sampler_index: int
     engine: EngineConfig
     max_model_len: int
     longest_prompt_tokens: int
@@ -60,17 +65,25 @@ class StageTask:
 
     @property
     def stage(self) -> str:
-        """``sample`` or ``score/<model>``: the manifest's name of this stage."""
-        return "sample" if self.kind == "sample" else f"score/{self.model}"
+        """The manifest's name of this stage: ``sample``, ``sample/<model>`` or ``score/<model>``.
+
+        ``sample`` is the first sampling model's stage; further sampling models (mixture
+        sampling) have ``sample/<model>``.
+        """
+        if self.kind == "score":
+            return f"score/{self.model}"
+        return "sample" if self.sampler_index == 0 else f"sample/{self.model}"
 
     def output_path(self, index: int) -> Path:
         """Where shard ``index`` of this stage is written."""
-        folder = (
-            samples_dir(self.run_dir)
-            if self.kind == "sample"
-            else scores_dir(self.run_dir, self.model)
-        )
-        return folder / part_name(index)
+        if self.kind == "score":
+            return scores_dir(self.run_dir, self.model) / part_name(index)
+        return self.samples_path(self.sampler_index, index)
+
+    def samples_path(self, sampler_index: int, index: int) -> Path:
+        """Where sampling model ``sampler_index`` writes shard ``index``."""
+        folders = sample_folders(self.run_dir, [model for model, _ in self.sampling_models])
+        return folders[sampler_index] / part_name(index)
 
 
 @dataclass(frozen=True)
@@ -132,15 +145,21 @@ class ShardWorker:
         _maybe_kill_for_test()
         if task.kind == "sample":
             table = sample_shard(
-                self.llm, prompts, task.sampling, task.stop_token_ids, self.profile
+                self.llm,
+                prompts,
+                task.sampling,
+                task.stop_token_ids,
+                self.profile,
+                first_sample_idx=task.sampler_index * task.sampling.num_samples,
+                seeds=_seeds(prompts, task.run_seed, task.model, task.sampler_index),
             )
             content = "samples"
         else:
-            assert task.samples_fingerprint is not None  # set for every score task
-            samples = read_input_part(
-                samples_dir(task.run_dir) / part_name(index),
-                SEQUENCE_SCHEMA,
-                task.samples_fingerprint,
+            # Every sampling model's sequences of this shard, in order: the row order
+            # the statistics read them in (artifacts.scan_samples).
+            samples = pa.concat_tables(
+                read_input_part(self.task.samples_path(m, index), SEQUENCE_SCHEMA, fingerprint)
+                for m, (_, fingerprint) in enumerate(task.sampling_models)
             )
             table = score_shard(self.llm, prompts, samples, task.engine.score_batch_size)
             content = "scores"
@@ -161,6 +180,13 @@ class ShardWorker:
         from pipeline.engine import shutdown_engine
 
         shutdown_engine(self.llm)
+
+
+def _seeds(prompts: pa.Table, run_seed: int, model: str, sampler_index: int) -> list[int]:
+    """Request seeds: the prompts table's for the first sampling model, else hashed anew."""
+    if sampler_index == 0:
+        return prompts.column("sampling_seed").to_pylist()
+    return [sampling_seed(run_seed, p, model) for p in prompts.column("prompt_id").to_pylist()]
 
 
 def _maybe_kill_for_test() -> None:

