@@ -6,8 +6,10 @@ a Ray cluster, ``slow`` for tests that take long without one. ``make test-fast``
 module imports ``run_cli`` (the real command line, which starts engines) or when it
 uses ``demo_run``/``demo_summary``; others can carry ``@pytest.mark.engine``. A test
 that is not marked and still imports vLLM or Ray fails, naming itself, instead of
-silently making the fast lane slow (checked for every test that runs before anything
-has imported vLLM, so always in the fast lane).
+silently making the fast lane slow. The check sees imports of modules not loaded yet,
+so it is complete where no engine test ran before (the fast lane) for vLLM, which no
+test module imports at collection; a module-level import of Ray (or of vLLM) in a test
+module would blunt it to the submodules loaded later.
 """
 
 from __future__ import annotations
