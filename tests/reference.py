@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 def _read(folder: Path) -> dict[tuple[str, int], dict]:
     rows = [
         row
-        for part in sorted(folder.glob("part-*.parquet"))
+        # rglob: samples/<model>/ holds a further sampling model's draws.
+        for part in sorted(folder.rglob("part-*.parquet"))
         for row in pq.read_table(part).to_pylist()
     ]
     return {(r["prompt_id"], r["sample_idx"]): r for r in rows}

@@ -33,8 +33,8 @@ from pipeline.artifacts import (
     SEQUENCE_SCHEMA,
     SUMMARY,
     SUMMARY_PARQUET,
-    samples_dir,
     scan,
+    scan_samples,
     scores_dir,
     write_json,
     write_table,
@@ -124,7 +124,7 @@ def paired_frame(
     # this is its S_full exactly (top + log 1 - log 1).
     log_q = top + pl.sum_horizontal([(s - top).exp() for s in proposal]).log()
     log_q = log_q - math.log(len(sampling_models))
-    sampled = scan(samples_dir(run_dir), SEQUENCE_SCHEMA).select(KEYS)
+    sampled = scan_samples(run_dir, list(sampling_models)).select(KEYS)
     frame = (
         pl.concat(
             [sampled, *(_model_scores(run_dir, m, tag, include_eos) for m, tag in tags.items())],
@@ -166,7 +166,7 @@ def generation_diagnostics(
     ``max_abs_decode_vs_prefill_logprob_diff`` is the largest |decode-time log-prob -
     teacher-forced log-prob under the model that sampled the token|, in nats.
     """
-    samples = scan(samples_dir(run_dir), SEQUENCE_SCHEMA)
+    samples = scan_samples(run_dir, list(sampling_models))
     prefills = [
         scan(scores_dir(run_dir, model), SEQUENCE_SCHEMA).select(
             pl.col("token_logprobs").alias(f"prefill_{m}")
