@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 import pipeline
 from pipeline.config import load_config
@@ -34,21 +35,36 @@ def test_a_checkout_reads_its_own_folders() -> None:
     assert {"default", "gpu", "enumerable"} <= set(shipped_config_names())
 
 
+def _paths(model: BaseModel) -> list[Path]:
+    """Every path setting of a (nested) config model, whatever kind of model it is."""
+    found: list[Path] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        values = value.values() if isinstance(value, dict) else [value]
+        for item in values:
+            if isinstance(item, Path):
+                found.append(item)
+            elif isinstance(item, BaseModel):
+                found += _paths(item)
+    return found
+
+
 @pytest.mark.parametrize("name", shipped_config_names())
 def test_every_shipped_config_uses_only_shipped_files(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the working directory must not matter
     config = load_config(shipped_config(name))
-    used = [config.prompts.path, *(model.path for model in config.models.values())]
-    for path in used:
+    model_paths = [path for model in config.models.values() for path in _paths(model)]
+    assert model_paths
+    for path in [config.prompts.path, *model_paths]:
         assert path.exists(), path
         assert path.is_relative_to(RESOURCE_ROOT / "data"), path
     # ...and those files are the ones pyproject.toml puts into the wheel.
     data = PYPROJECT["tool"]["setuptools"]["package-data"]
     assert config.prompts.path.name in data["pipeline._resources.data"]
-    for model in config.models.values():
-        assert model.path.parent == RESOURCE_ROOT / "data" / "models"
+    for path in model_paths:
+        assert path.parent == RESOURCE_ROOT / "data" / "models", path
 
 
 def test_config_argument_is_decided_by_spelling() -> None:
