@@ -20,7 +20,7 @@ import sys
 import textwrap
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -140,13 +140,17 @@ def _describe(field: FieldInfo, qualifier: str) -> str:
 
 
 def _discriminator(model: type[BaseModel]) -> str:
-    """``kind: lora``-style label of a union member: its single-valued Literal fields."""
+    """Label of a union member, to tell apart keys that differ between members.
+
+    Its single-valued Literal fields (``kind: lora``), else the ``title`` of its
+    ``model_config``, else its class name.
+    """
     labels = []
     for name, field in model.model_fields.items():
         annotation, _ = _strip_annotated(field.annotation)
         if get_origin(annotation) is Literal and len(get_args(annotation)) == 1:
-            labels.append(f"{name}: {get_args(annotation)[0]}")
-    return ", ".join(labels) or model.__name__
+            labels.append(f"{field.alias or name}: {get_args(annotation)[0]}")
+    return ", ".join(labels) or model.model_config.get("title") or model.__name__
 
 
 def reference_rows(
@@ -162,7 +166,7 @@ def reference_rows(
     """
     rows: list[ReferenceRow] = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
+        key = f"{prefix}{field.alias or name}"  # what a config file writes
         annotation, _ = _strip_annotated(field.annotation)
         if get_origin(annotation) is dict and _models_in(get_args(annotation)[1]):
             value_type = get_args(annotation)[1]
@@ -200,23 +204,21 @@ def reference_rows(
 
 
 def _union_rows(members: list[type[BaseModel]], prefix: str, qualifier: str) -> list[ReferenceRow]:
-    """Rows of one section, or of each member of a union of sections, merged by key."""
+    """Rows of one section, or of each member of a union of sections, merged by key.
+
+    A setting that several members declare alike is listed once, labelled with those
+    members (no label when every member has it), where it first appears.
+    """
     if len(members) == 1:
         return reference_rows(members[0], prefix, qualifier)
-    per_member = [
-        reference_rows(member, prefix, f"{qualifier}({_discriminator(member)}) ")
-        for member in members
-    ]
-    unlabelled = [reference_rows(member, prefix, qualifier) for member in members]
-    merged: list[ReferenceRow] = []
-    for labelled_rows, plain_rows in zip(per_member, unlabelled, strict=True):
-        for labelled, plain in zip(labelled_rows, plain_rows, strict=True):
-            # A setting every member declares alike is listed once, without a label.
-            if all(plain in rows for rows in unlabelled):
-                if plain not in merged:
-                    merged.append(plain)
-            else:
-                merged.append(labelled)
+    labels: dict[ReferenceRow, list[str]] = {}
+    for member in members:
+        for row in reference_rows(member, prefix):
+            labels.setdefault(row, []).append(_discriminator(member))
+    merged = []
+    for row, owners in labels.items():
+        label = "" if len(owners) == len(members) else f"({', '.join(owners)}) "
+        merged.append(replace(row, description=f"{qualifier}{label}{row.description}"))
     return merged
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import pytest
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.cli import main
 from pipeline.config import RunConfig, config_hash, load_config
@@ -88,6 +88,14 @@ class _Adapter(BaseModel):
     base: Path = Field(description="Its base.")
 
 
+class _Pair(BaseModel):
+    """Two ends, told apart from the others by their keys alone."""
+
+    model_config = ConfigDict(title="pair")
+
+    start: str = Field(alias="from", description="One end.")
+
+
 class _Options(BaseModel):
     """Optional extras."""
 
@@ -98,6 +106,7 @@ class _Toy(BaseModel):
     models: dict[str, Annotated[_Folder | _Adapter, Field(discriminator="kind")]] = Field(
         description="Named models."
     )
+    pairs: dict[str, _Pair | _Folder] = Field(default_factory=dict, description="Pairs.")
     options: _Options | None = Field(default=None, description="Extras, or none.")
     tags: list[str] = Field(default_factory=list, description="Labels.")
 
@@ -110,6 +119,10 @@ def test_generator_walks_unions_mappings_and_optional_sections() -> None:
         ReferenceRow("models.<name>.path", "path", "required", "Where."),
         ReferenceRow("models.<name>.kind", "`adapter`", "required", "(kind: adapter) Kind."),
         ReferenceRow("models.<name>.base", "path", "required", "(kind: adapter) Its base."),
+        ReferenceRow("pairs", "mapping of name to section", "`{}`", "Pairs."),
+        ReferenceRow("pairs.<name>.from", "str", "required", "(pair) One end."),
+        ReferenceRow("pairs.<name>.kind", "`folder`", "`folder`", "(kind: folder) Kind."),
+        ReferenceRow("pairs.<name>.path", "path", "required", "(kind: folder) Where."),
         ReferenceRow("options", "section or null", "`null`", "Extras, or none."),
         ReferenceRow("options.level", "float > 0, < 1", "`0.5`", "A level."),
         ReferenceRow("tags", "list of str", "`[]`", "Labels."),
