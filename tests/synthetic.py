@@ -1,7 +1,8 @@
 """A synthetic run directory (samples and scores, no model) for tests of the stats stage.
 
 Sampling model m of ``sampling`` draws sample_idx m G .. m G + G - 1 of every prompt,
-as the run lays out mixture sampling; every sequence is scored under every model.
+and every sequence is scored under every model, in the run's layout of mixture
+sampling.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.artifacts import SEQUENCE_SCHEMA, part_name, write_table
+from pipeline.artifacts import SEQUENCE_SCHEMA, part_name, samples_dir, scores_dir, write_table
 
 EOS = 2
 MAX_TOKENS = 6
@@ -70,15 +71,30 @@ def write_run(
     per_model: int,
     seed: int = 11,
 ) -> Path:
-    """Write samples/ and scores/<model>/ (two shards) of a synthetic run into ``run_dir``."""
+    """Write the samples and scores (two shards of whole prompts) of a synthetic run.
+
+    The run's layout: the first sampling model's samples in samples/, a further one's
+    in samples/<model>/; each model's score part holds, in order, the shard's rows of
+    the first sampling model, then the next one's.
+    """
     samples, scores = _tables(models, sampling, prompts, per_model, seed)
-    # Two shards, each holding whole prompts, as the run writes them.
-    half = len(samples) // 2 // (per_model * len(sampling)) * (per_model * len(sampling))
-    for index, rows in enumerate((slice(0, half), slice(half, None))):
+    first_half = {f"prompt-{q:02d}" for q in range(prompts // 2)}
+    for index in (0, 1):
         stamp = {"content": "synthetic"}
-        table = pa.Table.from_pylist(samples[rows], schema=SEQUENCE_SCHEMA)
-        write_table(table, run_dir / "samples" / part_name(index), stamp)
+        in_shard = [(r["prompt_id"] in first_half) == (index == 0) for r in samples]
+        ordered = []  # row numbers in the score parts' order
+        for m, sampler in enumerate(sampling):
+            rows = [
+                i
+                for i, r in enumerate(samples)
+                if in_shard[i] and r["sample_idx"] // per_model == m
+            ]
+            ordered += rows
+            folder = samples_dir(run_dir, None if m == 0 else sampler)
+            table = pa.Table.from_pylist([samples[i] for i in rows], schema=SEQUENCE_SCHEMA)
+            write_table(table, folder / part_name(index), stamp)
         for model in models:
-            table = pa.Table.from_pylist(scores[model][rows], schema=SEQUENCE_SCHEMA)
-            write_table(table, run_dir / "scores" / model / part_name(index), stamp)
+            rows = [scores[model][i] for i in ordered]
+            table = pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA)
+            write_table(table, scores_dir(run_dir, model) / part_name(index), stamp)
     return run_dir

@@ -29,7 +29,7 @@ from pipeline.stats.summary import (
 )
 from tests.conftest import DEFAULT_CONFIG
 from tests.reference import reference_per_prompt, reference_summary
-from tests.synthetic import write_run as _write_run
+from tests.synthetic import write_run
 
 
 def _config(*overrides: str) -> RunConfig:
@@ -37,7 +37,7 @@ def _config(*overrides: str) -> RunConfig:
 
 
 def test_one_sampling_model_gives_unit_reference_weights_exactly(tmp_path: Path) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=4, per_model=3)
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=4, per_model=3)
     frame = paired_frame(run_dir, "p0", "p1", True, ["p0"], 3)
     assert frame["log_w0"].to_list() == [0.0] * 12
     assert frame["log_w1"].to_list() == frame["d"].to_list()
@@ -45,7 +45,7 @@ def test_one_sampling_model_gives_unit_reference_weights_exactly(tmp_path: Path)
 
 
 def test_mixture_log_weights_use_the_balance_heuristic(tmp_path: Path) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1", "p2"], ["p0", "p1"], prompts=3, per_model=2)
+    run_dir = write_run(tmp_path, ["p0", "p1", "p2"], ["p0", "p1"], prompts=3, per_model=2)
     frame = paired_frame(run_dir, "p0", "p2", False, ["p0", "p1"], 2)
     s = {
         m: np.concatenate(
@@ -56,19 +56,24 @@ def test_mixture_log_weights_use_the_balance_heuristic(tmp_path: Path) -> None:
     log_q = np.log((np.exp(s["p0"]) + np.exp(s["p1"])) / 2)
     assert frame["log_w0"].to_numpy() == pytest.approx(s["p0"] - log_q, abs=1e-12)
     assert frame["log_w1"].to_numpy() == pytest.approx(s["p2"] - log_q, abs=1e-12)
-    assert frame["stratum"].to_list() == [0, 0, 1, 1] * 3
+    # Shard 0 holds prompt 0, shard 1 prompts 1 and 2: p0's draws, then p1's.
+    assert frame["stratum"].to_list() == [0, 0, 1, 1] + [0] * 4 + [1] * 4
     # The mixture's weights are bounded by the number of sampling models.
     assert np.exp(frame["log_w0"].to_numpy()).max() <= 2
 
 
 def test_decode_diagnostic_compares_with_the_model_that_sampled(tmp_path: Path) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0", "p1"], prompts=2, per_model=2)
-    assert (
-        generation_diagnostics(run_dir, ["p0", "p1"], 2)["max_abs_decode_vs_prefill_logprob_diff"]
-        == 0.0
-    )
-    # Compared with p0 alone, p1's samples would differ.
-    assert generation_diagnostics(run_dir, ["p0"], 2)["max_abs_decode_vs_prefill_logprob_diff"] > 0
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0", "p1"], prompts=2, per_model=2)
+    diagnostics = generation_diagnostics(run_dir, ["p0", "p1"], 2)
+    assert diagnostics["max_abs_decode_vs_prefill_logprob_diff"] == 0.0
+    # Move one decode-time log-prob of a p1 sample by 0.5: exactly that is seen (p0's
+    # scores of p1's samples differ from p1's everywhere).
+    path = run_dir / "samples" / "p1" / part_name(1)
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["token_logprobs"][0] += 0.5
+    write_table(pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA), path, {"content": "x"})
+    diagnostics = generation_diagnostics(run_dir, ["p0", "p1"], 2)
+    assert diagnostics["max_abs_decode_vs_prefill_logprob_diff"] == pytest.approx(0.5, abs=1e-6)
 
 
 SETTINGS = [
@@ -83,7 +88,7 @@ SETTINGS = [
 def test_every_figure_equals_the_reference(
     tmp_path: Path, unit: str, include_eos: bool, sampling: list[str]
 ) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1"], sampling, prompts=6, per_model=4)
+    run_dir = write_run(tmp_path, ["p0", "p1"], sampling, prompts=6, per_model=4)
     config = _config(
         f"entropy.unit={unit}",
         f"entropy.include_eos={str(include_eos).lower()}",
@@ -103,7 +108,7 @@ def test_every_figure_equals_the_reference(
 def test_per_prompt_table_equals_the_reference(
     tmp_path: Path, unit: str, include_eos: bool
 ) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=5, per_model=6)
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=5, per_model=6)
     config = _config(f"entropy.unit={unit}", f"entropy.include_eos={str(include_eos).lower()}")
     summary = compute_summary(run_dir, config)
     table = pq.read_table(run_dir / PER_PROMPT_PARQUET)
@@ -126,7 +131,7 @@ def test_per_prompt_table_equals_the_reference(
 
 
 def test_summary_files_follow_the_declared_schemas(tmp_path: Path) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=3, per_model=1)
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=3, per_model=1)
     summary = compute_summary(run_dir, _config("sampling.num_samples=1"))
     # One completion per prompt: prompt-set SEs are undefined -> null, with a warning.
     assert math.isnan(summary["H0_se_nats"])
@@ -144,10 +149,26 @@ def test_summary_files_follow_the_declared_schemas(tmp_path: Path) -> None:
 
 
 def test_non_finite_scores_are_refused_naming_the_candidate(tmp_path: Path) -> None:
-    run_dir = _write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=2, per_model=3)
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0"], prompts=2, per_model=3)
     path = run_dir / "scores" / "p1" / part_name(0)
     rows = pq.read_table(path).to_pylist()
     rows[1]["S"] = -math.inf
     write_table(pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA), path, {"content": "synthetic"})
     with pytest.raises(PipelineError, match=r"candidate 'p1': .*non-finite.*prompt 'prompt-00'"):
         compute_summary(run_dir, _config("sampling.num_samples=3"))
+
+
+def test_population_estimand_bootstraps_prompts_and_warns_when_they_are_few(
+    tmp_path: Path,
+) -> None:
+    run_dir = write_run(tmp_path / "six", ["p0", "p1"], ["p0"], prompts=6, per_model=4)
+    config = _config("sampling.num_samples=4", "uncertainty.estimand=population")
+    summary = compute_summary(run_dir, config)
+    assert summary["uncertainty_estimand"] == "population"
+    assert "cluster bootstrap" in summary["uncertainty_method"]
+    assert summary["H0_low_nats"] < summary["H0_nats"] < summary["H0_high_nats"]
+    assert any("only 6 prompts" in w for w in summary["warnings"])
+    run_dir = write_run(tmp_path / "one", ["p0", "p1"], ["p0"], prompts=1, per_model=4)
+    summary = compute_summary(run_dir, config)
+    assert math.isnan(summary["delta_H_se_nats"])
+    assert any("no standard error can be estimated" in w for w in summary["warnings"])

@@ -114,19 +114,16 @@ def check_finite(frame: pl.DataFrame) -> None:
 
 
 def _prompt_codes(prompt_id: pl.Series) -> tuple[np.ndarray, pl.Series]:
-    """Integer code of each row's prompt (0 .. Q-1 in sorted id order), and the ids."""
+    """Integer code of each row's prompt (0 .. Q-1 in sorted id order), and the ids.
+
+    Rows come in runs of one prompt (a prompt's G samples, per sampling model, are
+    written together), so the ids of the runs are ranked, not those of all N rows.
+    """
     runs = prompt_id.rle_id().to_numpy().astype(np.int64)
     starts = np.flatnonzero(np.diff(runs, prepend=-1))
     run_ids = prompt_id.gather(starts)
-    if run_ids.n_unique() == len(run_ids):
-        # Each prompt's sequences are contiguous (as the run writes them): sort the
-        # Q run ids, not the N rows.
-        order = run_ids.arg_sort().to_numpy()
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        return rank[runs], run_ids.gather(order)
-    codes = prompt_id.rank("dense").to_numpy().astype(np.int64) - 1
-    return codes, prompt_id.unique().sort()
+    run_codes = run_ids.rank("dense").to_numpy().astype(np.int64) - 1
+    return run_codes[runs], run_ids.unique().sort()
 
 
 def _group_max(values: np.ndarray, codes: np.ndarray, groups: int) -> np.ndarray:

@@ -33,6 +33,21 @@ mean is the sequence-weighted mean over prompts of the within-prompt covariance
 under p0, Cov_q(x, d) = sum w0 (x - x_w)(d - d_w) / (sum w0 - sum w0^2 / sum w0)
 (x_w the w0-weighted prompt mean): with w0 = 1 the unbiased covariance, and with
 equal numbers of sequences per prompt the plain mean over prompts.
+
+Derivation. Every sample is scored under every model, so p_t(x_i) / q(x_i) is known
+for every target and E_q[w_t f] = E_pt[f]: an expectation under p_t is the
+self-normalised ratio E_pt[f] ~ m[w_t f] / m[w_t] over all pooled samples (the
+unknown normalisers cancel, and with equal G per sampling model the pooled samples
+are a stratified sample of q). Hence H(p_t) = -E_pt[S_t] ~ -m[w_t S_t] / m[w_t];
+per token, the ratio of expected sums -E_pt[S_t] / E_pt[L] ~ -m[w_t S_t] / m[w_t L];
+KL(p1 || p0) = E_p1[d] ~ m[w1 d] / m[w1] (per token over E_p1[L_full]). The first-order
+terms are slopes at eps = 0 along p_eps ~ p0^(1-eps) p1^eps: d/deps E_eps[f] =
+Cov_p0(f, d), and d/deps log p_eps(x) = d - E_p0[d] has mean 0, so the sequence slope
+of H is -Cov_p0(S0, d); without the EOS position the conditional EOS log-prob moves
+too, adding E_p0[e] to first order; per token the quotient rule gives
+(-Cov(S0, d) + E[e] - h0 Cov(L, d)) / E[L]; the rate E[-S/L] moves by
+-Cov(S0/L, d) - E[(d - E d)/L] + E[e/L] = -Cov((S0 + 1)/L, d) + E[e/L]. Under mixture
+sampling the p0-expectations and covariances are taken with the weights w0.
 """
 
 from __future__ import annotations

@@ -13,12 +13,13 @@
   The influence values psi come from the registry's formula by forward-mode
   linearisation (``Linearised``): a mean m[a] has psi_i = a_i (up to a constant that
   the deviations remove), and psi(f / g) = (psi_f - (f/g) psi_g) / g, etc. For the
-  ratio estimators this gives, with the reference alone sampling, psi = -S0 for H0
-  (sequence), psi = w (-S1 - H1) / m[w] for H1, psi = w (d - KL) / m[w] for KL,
-  psi = (-S0 - H0 L) / m[L] for per-token H0 and psi = w (-S1 - H1 L) / m[w L] for
-  per-token H1. A covariance atom (in dH1) has as psi its within-prompt delete-one
-  jackknife values -(n_q - 1) Cov_q,(-i), so that for dH1 = -mean_q Cov_q the variance
-  is exactly the sum over prompts of each covariance's jackknife variance. (A naive
+  ratio estimators this gives psi = w0 (-S0 - H0) / m[w0] for H0 (sequence),
+  w1 (-S1 - H1) / m[w1] for H1, w1 (d - KL) / m[w1] for KL, w0 (-S0 - H0 L) / m[w0 L]
+  for per-token H0 and w1 (-S1 - H1 L) / m[w1 L] for per-token H1; with the reference
+  alone sampling (w0 = 1) that is psi = -S0 for H0 and (-S0 - H0 L) / m[L] per token.
+  A covariance atom (in dH1) has as psi its within-prompt delete-one jackknife values
+  -(n_q - 1) Cov_q,(-i), so that for dH1 = -mean_q Cov_q the variance is exactly the
+  sum over prompts of each covariance's jackknife variance. (A naive
   bootstrap within prompts would be low by sqrt((G-1)/G) and would shift dH1.)
   The variance needs G_s >= 2 (>= 3 for a covariance's jackknife); otherwise it is
   NaN, reported as null, and ``interval_warnings`` says why.
