@@ -15,7 +15,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pipeline.errors import PipelineError
 from pipeline.resources import DEFAULT_CONFIG
@@ -38,19 +49,205 @@ class PromptsConfig(_Closed):
     )
 
 
-class ModelConfig(_Closed):
-    """One model of the run."""
+class ModelFolder(_Closed):
+    """A Hugging Face model folder, scored as it is."""
+
+    model_config = ConfigDict(title="model folder")
 
     path: Path = Field(
-        description="Local Hugging Face model folder (config, weights, tokenizer), or a "
-        "PEFT LoRA adapter folder, which is merged into its base once and scored as a "
-        "full model. A relative path is taken from the config file's folder."
+        description="Local Hugging Face model folder (config, weights, tokenizer). A PEFT "
+        "LoRA adapter folder given here is read as `adapter` (as older configs wrote it). "
+        "A relative path is taken from the config file's folder."
     )
     base: Path | None = Field(
         default=None,
-        description="Base model folder of a LoRA adapter (default: the adapter's "
+        description="Only when `path` is a LoRA adapter folder: its base model folder.",
+    )
+
+
+class LoraAdapter(_Closed):
+    """A PEFT LoRA adapter, merged into its base once and scored as a full model.
+
+    vLLM mis-scores LoRA adapters with ``prompt_logprobs`` when requests are batched,
+    so an adapter is never given to vLLM (``pipeline.lora``).
+    """
+
+    model_config = ConfigDict(title="LoRA adapter")
+
+    adapter: Path = Field(
+        description="PEFT LoRA adapter folder (adapter_config.json and weights), merged "
+        "into `base` with PEFT in float32 once, into a folder of `merged_models_dir`. A "
+        "relative path is taken from the config file's folder."
+    )
+    base: Path | None = Field(
+        default=None,
+        description="Base model folder of the adapter (default: the adapter's "
         "base_model_name_or_path, when that is a local folder).",
     )
+
+
+_Eta = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Pair(_Closed):
+    """The two ends of an interpolation; ``from`` is a Python keyword, hence the alias."""
+
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    start: str = Field(
+        alias="from",
+        description="theta0: the name of another model in `models` (looked up first), or "
+        "a model folder. Its config and tokenizer files are copied to the result.",
+    )
+    end: str = Field(
+        alias="to",
+        description="theta1: likewise; same architecture, tensor names and shapes, and "
+        "tokenizer as `from`. Weights must be safetensors.",
+    )
+
+
+class Interpolation(_Pair):
+    """Weights theta0 + eta (theta1 - theta0) of two models, made once (cached) and scored.
+
+    Every floating tensor is interpolated in float32 (``pipeline.candidates``).
+    """
+
+    model_config = ConfigDict(title="interpolation")
+
+    eta: _Eta = Field(
+        description="Step size: 0 gives `from`, 1 gives `to`, above 1 extrapolates the "
+        "step and below 0 reverses it."
+    )
+
+
+class Sweep(_Pair):
+    """Interpolations of one pair at several step sizes: a model per eta."""
+
+    model_config = ConfigDict(title="sweep")
+
+    etas: Annotated[list[_Eta], Field(min_length=1)] = Field(
+        description="Step sizes; each becomes the interpolation model `<name>@eta=<eta>` "
+        "(e.g. p1@eta=0.5). All are scored on the same samples, and the run draws "
+        "sweep.png: delta H against eta with the first-order line eta x delta H1."
+    )
+
+
+# Which kind a model's settings are, by the key that only that kind has.
+_KIND_OF_KEY = {
+    "path": "path",
+    "adapter": "adapter",
+    "from": "interpolate",
+    "to": "interpolate",
+    "eta": "interpolate",
+    "etas": "sweep",
+}
+_KIND_OF_CLASS: dict[type[BaseModel], str] = {
+    ModelFolder: "path",
+    LoraAdapter: "adapter",
+    Interpolation: "interpolate",
+    Sweep: "sweep",
+}
+MODEL_KINDS = tuple(_KIND_OF_CLASS.values())
+
+
+def _kinds_in(value: dict[str, Any]) -> set[str]:
+    kinds = {_KIND_OF_KEY[key] for key in value if key in _KIND_OF_KEY}
+    # `from`/`to` with `etas` are a sweep, not also an interpolation.
+    return kinds - {"interpolate"} if "sweep" in kinds else kinds
+
+
+def _one_kind(value: Any) -> Any:
+    """Refuse settings that are not a mapping, or that mix or lack the kinds' keys."""
+    if isinstance(value, BaseModel):
+        return value
+    if not isinstance(value, dict):
+        raise PydanticCustomError("model_type", "Input should be a mapping of settings")
+    kinds = _kinds_in(value)
+    if not kinds:
+        raise ValueError(
+            "say which model this is: `path: <model folder>`, `adapter: <LoRA adapter "
+            "folder>`, `from`/`to`/`eta` (an interpolation) or `from`/`to`/`etas` (a "
+            f"sweep); got the keys {sorted(value)}"
+        )
+    if "eta" in value and "etas" in value:
+        raise ValueError("give `eta` (one interpolation) or `etas` (a sweep), not both")
+    if len(kinds) > 1:
+        keys = " and ".join(f"`{key}`" for key in value if key in _KIND_OF_KEY)
+        raise ValueError(f"{keys} belong to different kinds of model; give one kind")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return _KIND_OF_CLASS[type(value)]
+    (kind,) = _kinds_in(value)  # exactly one, checked by _one_kind
+    return kind
+
+
+# One model of the run: the union of the kinds, told apart by their keys. Errors are
+# reported at models.<name>.<key> (validate_config drops pydantic's kind tag).
+ModelConfig = Annotated[
+    Annotated[ModelFolder, Tag("path")]
+    | Annotated[LoraAdapter, Tag("adapter")]
+    | Annotated[Interpolation, Tag("interpolate")]
+    | Annotated[Sweep, Tag("sweep")],
+    Discriminator(_kind),
+    BeforeValidator(_one_kind),
+]
+
+
+def sweep_point_name(sweep: str, eta: float) -> str:
+    """``<sweep>@eta=<eta>``: eta as briefly as it reads back exactly (1, 0.25, 1e-05)."""
+    return f"{sweep}@eta={int(eta) if eta.is_integer() else repr(eta)}"
+
+
+def expand_sweeps(models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+    """``models`` with each sweep replaced by its interpolations, in place and in order.
+
+    Also refuses names given twice, references to a sweep (several models) and cycles
+    of interpolations.
+    """
+    expanded: dict[str, ModelConfig] = {}
+    for name, model in models.items():
+        points: dict[str, ModelConfig] = {name: model}
+        if isinstance(model, Sweep):
+            if len(set(model.etas)) != len(model.etas):
+                raise ValueError(f"the sweep {name!r} lists a step size twice: {model.etas}.")
+            points = {
+                sweep_point_name(name, eta): Interpolation.model_validate(
+                    {"from": model.start, "to": model.end, "eta": eta}
+                )
+                for eta in model.etas
+            }
+        for point, spec in points.items():
+            if point in expanded or (point != name and point in models):
+                raise ValueError(
+                    f"model name {point!r} is given twice (a sweep models.<name> makes the "
+                    "models <name>@eta=<eta>); rename one."
+                )
+            expanded[point] = spec
+    for name, model in expanded.items():
+        if not isinstance(model, Interpolation):
+            continue
+        for role, ref in (("from", model.start), ("to", model.end)):
+            if isinstance(models.get(ref), Sweep):
+                raise ValueError(
+                    f"{name!r} has {role}: {ref}, a sweep, which is several models; name "
+                    f"one of them (e.g. {sweep_point_name(ref, 1.0)}) or a model folder."
+                )
+        _refuse_cycles(name, expanded, [])
+    return expanded
+
+
+def _refuse_cycles(name: str, models: dict[str, ModelConfig], path: list[str]) -> None:
+    """Follow ``from`` and ``to`` through interpolations, refusing to meet one twice."""
+    if name in path:
+        cycle = " -> ".join([*path[path.index(name) :], name])
+        raise ValueError(f"interpolations refer to each other in a cycle: {cycle}.")
+    model = models.get(name)
+    if isinstance(model, Interpolation):
+        for ref in (model.start, model.end):
+            _refuse_cycles(ref, models, [*path, name])
 
 
 _IS_REASON = (
@@ -277,16 +474,19 @@ class RunConfig(_Closed):
     prompts: PromptsConfig
     models: dict[str, ModelConfig] = Field(
         description="Named models. The reference model samples; every model (the "
-        "reference included) is teacher-forced on the samples."
+        "reference included) is teacher-forced on the samples. Each is a model folder "
+        "(`path`), a LoRA adapter (`adapter`, `base`), an interpolation (`from`, `to`, "
+        "`eta`) or a sweep (`from`, `to`, `etas`: one interpolation per eta, named "
+        "`<name>@eta=<eta>`)."
     )
     reference_model: str = Field(
         default="p0", description="Name (in `models`) of the model that samples."
     )
     merged_models_dir: Path = Field(
         default=Path(".cache/entropy-pipeline/merged"),
-        description="Cache of LoRA adapters merged into full checkpoints, keyed by the "
-        "content hash of adapter and base. A relative path is taken from the working "
-        "directory.",
+        description="Cache of the models a run makes: LoRA adapters merged into full "
+        "checkpoints and interpolations, each keyed by the content hash of its inputs. A "
+        "relative path is taken from the working directory.",
     )
     sampling: SamplingConfig = SamplingConfig()
     engine: EngineConfig = EngineConfig()
@@ -295,6 +495,11 @@ class RunConfig(_Closed):
     entropy: EntropyConfig = EntropyConfig()
     weights: WeightsConfig = WeightsConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _expand_sweeps(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        return expand_sweeps(models)
 
     @model_validator(mode="after")
     def _check_models(self) -> RunConfig:
@@ -414,9 +619,11 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     models = tree.get("models")
     if isinstance(models, dict):
         for model in models.values():
-            for key in ("path", "base"):
-                if isinstance(model, dict) and isinstance(model.get(key), str):
-                    model[key] = str((base / model[key]).resolve())
+            for key in ("path", "base", "adapter", "from", "to"):
+                value = model.get(key) if isinstance(model, dict) else None
+                # `from` and `to` may name another model instead of a folder.
+                if isinstance(value, str) and not (key in ("from", "to") and value in models):
+                    model[key] = str((base / value).resolve())
 
 
 # Pydantic's JSON-mode words for a wrong structure, in the words of the YAML the user wrote.
@@ -442,7 +649,10 @@ def validate_config(tree: dict[str, Any], source: str) -> RunConfig:
     except ValidationError as err:
         problems = []
         for e in err.errors():
-            where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+            loc = e["loc"]
+            if loc[:1] == ("models",) and len(loc) > 2 and loc[2] in MODEL_KINDS:
+                loc = loc[:2] + loc[3:]  # pydantic's tag of the kind; the user wrote no such key
+            where = ".".join(str(p) for p in loc) or "(top level)"
             message = _YAML_WORDING.get(e["type"], e["msg"].removeprefix("Value error, "))
             received = (
                 "" if e["type"] in ("missing", "value_error") else f" (got {e.get('input')!r})"

@@ -1,7 +1,8 @@
-"""Model identities and the tokenizer contract between the models of a run.
+"""Model folders, their content hashes and the tokenizer contract between a run's models.
 
-Nothing here runs a model: it hashes model folders for provenance, loads tokenizers
-and checks that every model of a run shares one, because token ids travel unchanged
+Nothing here runs a model: it checks and hashes model folders for provenance
+(``pipeline.candidates`` builds the models' identities on these hashes), loads
+tokenizers and checks that every model of a run shares one, because token ids travel unchanged
 from sampling to scoring (docs/design.md §3) and mean the same thing only under one
 vocabulary.
 """
@@ -28,8 +29,8 @@ def require_model_dir(name: str, path: Path) -> None:
     if not (path / "config.json").is_file():
         raise PipelineError(
             f"model {name!r}: {path} has no config.json; expected a Hugging Face model "
-            "folder (config, weights and tokenizer) or a PEFT LoRA adapter folder "
-            "(adapter_config.json), which is merged into its base before scoring."
+            "folder (config, weights and tokenizer). A PEFT LoRA adapter folder "
+            "(adapter_config.json) is merged into its base before scoring."
         )
 
 
@@ -42,12 +43,6 @@ def model_content_hash(path: Path) -> str:
             while chunk := handle.read(_HASH_CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()
-
-
-def model_identity(name: str, path: Path) -> dict[str, Any]:
-    """Path and content hash of a model, as recorded in the manifest."""
-    require_model_dir(name, path)
-    return {"path": str(path), "content_sha256": model_content_hash(path)}
 
 
 def model_context_length(path: Path) -> int:

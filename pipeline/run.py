@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ from pipeline.artifacts import (
     shard_problem,
     write_json,
 )
+from pipeline.candidates import materialise_models
 from pipeline.config import (
     STATS_SECTIONS,
     RunConfig,
@@ -58,12 +58,11 @@ from pipeline.config import (
     validate_config,
 )
 from pipeline.errors import PipelineError
-from pipeline.lora import is_adapter, merged_checkpoint
+from pipeline.figures import write_report_figure
 from pipeline.models import (
     check_shared_tokenizer,
     load_tokenizer,
     model_context_length,
-    model_identity,
     require_model_dir,
 )
 from pipeline.prompts import iter_prompts, prompt_file_digest, write_prompt_shards
@@ -75,6 +74,8 @@ from pipeline.provenance import (
     score_inputs,
 )
 from pipeline.stats.summary import compute_summary, write_summary
+from pipeline.sweep import SWEEP_FIGURE, write_sweep
+from pipeline.terminal import LOGGER, StageProgress, attach_run_log, count_prompts, run_scope
 from pipeline.worker import StageTask
 
 
@@ -83,7 +84,7 @@ def _now() -> str:
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    LOGGER.info(message)
 
 
 def default_run_dir(config: RunConfig, root: Path = Path("runs")) -> Path:
@@ -97,7 +98,7 @@ class _Plan:
     """Everything a run needs, worked out before anything is written."""
 
     config: RunConfig
-    paths: dict[str, Path]  # full checkpoints (LoRA adapters already merged)
+    paths: dict[str, Path]  # the folders vLLM loads (pipeline.candidates made them)
     identities: dict[str, dict[str, Any]]
     stage_inputs: dict[str, dict[str, Any]]  # "prompts", "sample" and "score/<model>"
     model_context: int  # the smallest max_position_embeddings of the models
@@ -109,20 +110,13 @@ class _Plan:
 
 def _plan(config: RunConfig) -> _Plan:
     reference = config.reference_model
-    paths = {
-        name: merged_checkpoint(name, model.path, model.base, config.merged_models_dir.resolve())
-        if is_adapter(model.path)
-        else model.path
-        for name, model in config.models.items()
-    }
+    models = materialise_models(config)
+    paths = {name: model.path for name, model in models.items()}
     tokenizers = {
         name: load_tokenizer(name, paths[name]) for name in [reference, *config.candidates]
     }
     check_shared_tokenizer(tokenizers)
-    identities = {name: model_identity(name, path) for name, path in paths.items()}
-    for name, model in config.models.items():
-        if paths[name] != model.path:
-            identities[name]["lora_adapter"] = str(model.path)
+    identities = {name: model.identity for name, model in models.items()}
     libraries = library_versions()
     sections = config.model_dump(mode="json")
     reference_hash = identities[reference]["content_sha256"]
@@ -281,9 +275,11 @@ def _prompt_shards(plan: _Plan, run_dir: Path, manifest: _Manifest) -> dict[str,
     started = time.perf_counter()
     tokenizer = load_tokenizer(config.reference_model, plan.paths[config.reference_model])
     context = config.engine.max_model_len or plan.model_context
-    _log(f"prompts: reading and tokenizing {config.prompts.path}")
     shards = write_prompt_shards(
-        iter_prompts(config.prompts.path, tokenizer, config.prompts.limit),
+        count_prompts(
+            iter_prompts(config.prompts.path, tokenizer, config.prompts.limit),
+            config.prompts.path,
+        ),
         folder,
         config.shards.prompts_per_shard,
         config.seed,
@@ -367,6 +363,14 @@ def _engine_tasks(
     return tasks
 
 
+def _show_sweep(run_dir: Path, config: RunConfig, summary: dict[str, Any]) -> None:
+    """Draw sweep.png and print the sweep table when the run has a step-size sweep."""
+    table = write_sweep(run_dir, config, summary)
+    if table is not None:
+        _log(f"{table}\nsweep figure written to {run_dir / SWEEP_FIGURE}")
+
+
+@run_scope  # closes run.log and the progress bars however the run ends
 def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Run, or resume, every stage in ``run_dir`` and return the summary."""
     from pipeline.executors import open_executor
@@ -401,6 +405,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
             "stages": previous.get("stages", {}),
         },
     )
+    attach_run_log(run_dir)
     try:
         prompts_record = _prompt_shards(plan, run_dir, manifest)
     except PipelineError:
@@ -435,12 +440,9 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
                 continue
             require_model_dir(task.model, task.model_path)  # it may have gone since planning
             started = time.perf_counter()
-            for count, done in enumerate(executor.run(task, todo), start=1):
-                _log(
-                    f"{task.stage}: shard {done.index + 1}/{len(shard_sizes)} done "
-                    f"({count}/{len(todo)} this run, {done.rows} sequences, "
-                    f"{done.seconds:.1f} s)"
-                )
+            progress = StageProgress(task.stage, shards=len(todo), of=len(shard_sizes))
+            for done in executor.run(task, todo):
+                progress.done(done)
             manifest.stage_done(task.stage, time.perf_counter() - started, shards_made=len(todo))
 
     started = time.perf_counter()
@@ -450,6 +452,8 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
         "run_started_at": manifest.content["started_at"],
     }
     write_summary(run_dir, summary)
+    write_report_figure(run_dir, summary, config)
+    _show_sweep(run_dir, config, summary)
     manifest.stage_done("stats", time.perf_counter() - started)
     manifest.finish()
     return summary
@@ -480,4 +484,6 @@ def run_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
         "run_started_at": manifest.get("started_at", manifest.get("created_at")),
     }
     write_summary(run_dir, summary)
+    write_report_figure(run_dir, summary, config)
+    _show_sweep(run_dir, config, summary)
     return summary

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
+from pipeline.candidates import input_folders
 from pipeline.config import RunConfig, config_hash, load_config
 from pipeline.errors import PipelineError
 from tests.conftest import DEFAULT_CONFIG, ROOT
@@ -15,8 +16,8 @@ from tests.conftest import DEFAULT_CONFIG, ROOT
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
     config = load_config(path)
-    for model in config.models.values():
-        assert (model.path / "config.json").is_file()
+    for folder in input_folders(config.models):
+        assert (folder / "config.json").is_file()
     assert config.prompts.path.is_file()
 
 
