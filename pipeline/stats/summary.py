@@ -6,10 +6,11 @@ and this is where ``include_eos`` is applied: it changes the integrands S0, S1 a
 the length L, never the log-weights, which always compare the full sampled sequences
 (EOS included).
 
-Sampling from several models (``sampling.models``): every shard's samples hold each
-sampling model's completions, sample_idx = m G + g for model m (in
-``config.sampling_models`` order) and G = ``sampling.num_samples``, and every sequence
-is scored under every model. The proposal is the equal mixture of the sampling
+Sampling from several models (``sampling.models``): model m (in
+``config.sampling_models`` order) draws sample_idx = m G + g, G =
+``sampling.num_samples`` (samples/ for the first model, samples/<model>/ for further
+ones; ``artifacts.scan_samples`` reads them in the score parts' row order), and every
+sequence is scored under every model. The proposal is the equal mixture of the sampling
 models, log q_i = logsumexp_m S_m,full,i - log M (the balance heuristic), and the
 paired frame carries log w0 = S0_full - log q and log w1 = S1_full - log q. With the
 reference alone sampling, log q = S0_full, so log w0 = 0 and log w1 = d exactly.
