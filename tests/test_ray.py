@@ -20,14 +20,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from pipeline.worker import KILL_ONCE_ENV
 from tests.conftest import DEFAULT_CONFIG, ROOT, run_cli
 from tests.test_resume import assert_same_run
-
-ray = pytest.importorskip("ray", reason="the ray extra is not installed")
 
 pytestmark = pytest.mark.engine
 
@@ -57,8 +56,11 @@ KILL_MARKER = Path(tempfile.gettempdir()) / f"entropy-pipeline-test-kill-{os.get
 
 
 @pytest.fixture(scope="module")
-def ray_instance() -> Iterator[None]:
-    """A private local Ray instance for this module's tests."""
+def ray_instance() -> Iterator[ModuleType]:
+    """A private local Ray instance for this module's tests; yields the ``ray`` module."""
+    # Imported here, not at collection: the fast lane collects this module too.
+    import ray
+
     # Short folder: Ray's socket paths must fit 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     # No usage report, and no token written to the home folder: this instance
@@ -75,19 +77,20 @@ def ray_instance() -> Iterator[None]:
         runtime_env={"env_vars": {KILL_ONCE_ENV: str(KILL_MARKER)}},
     )
     try:
-        yield
+        yield ray
     finally:
         ray.shutdown()
 
 
-@pytest.mark.usefixtures("ray_instance")
-def test_ray_run_gives_the_bytes_of_the_local_run(local_run: Path, tmp_path: Path) -> None:
+def test_ray_run_gives_the_bytes_of_the_local_run(
+    ray_instance: ModuleType, local_run: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "ray"
     assert _run(run_dir, *RAY) == 0
     assert_same_run(run_dir, local_run, same_config=False)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["executor"]["backend"] == "ray"
-    assert manifest["executor"]["ray"] == ray.__version__
+    assert manifest["executor"]["ray"] == ray_instance.__version__
     assert manifest["executor"]["replicas"] == 2
     # The shard fingerprints do not depend on the backend: same inputs on both.
     local = json.loads((local_run / "manifest.json").read_text())
