@@ -6,12 +6,13 @@ FROM vllm/vllm-openai:v0.32.0
 ENV PYTHONUNBUFFERED=1
 
 # Stage 1 of the install: the dependencies alone, read from pyproject.toml (the base
-# dependencies and the gpu extra), so editing the source reuses this layer. The gpu
-# extra's vllm==0.32.0 is already satisfied by the base image; it adds peft.
+# dependencies, the gpu extra and the ray extra, so the image can join a Ray cluster),
+# so editing the source reuses this layer. The gpu extra's vllm==0.32.0 is already
+# satisfied by the base image; it adds peft.
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu']))" > requirements.txt \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['gpu'] + p['optional-dependencies']['ray']))" > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
 
 # Stage 2: the package itself. The wheel carries the shipped configs, demo prompts and
