@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import STATS_SECTIONS
 from pipeline.errors import PipelineError, environment_problem
+from pipeline.terminal import configure as configure_terminal
 
 _EPILOG_RUN = """examples:
   entropy-pipeline run
@@ -52,8 +53,6 @@ def _settings_help(sections: tuple[str, ...] | None = None) -> str:
     return "\nsettings (key=value; `entropy-pipeline config --reference` as a table):\n" + (
         options_help(sections)
     )
-
-
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,10 +145,18 @@ def _parser() -> argparse.ArgumentParser:
         help="config overrides, applied as `run` applies them",
     )
     debug_help = "on an error, print the traceback as well as the one-line message"
+    verbose_help = (
+        "also show the libraries' output (vLLM, torch, transformers log lines, C++ "
+        "warnings, weight-loading bars); run.log keeps their log lines either way"
+    )
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     for sub in commands.choices.values():
-        # Also after the command; SUPPRESS keeps a --debug given before the command.
+        # Also after the command; SUPPRESS keeps a flag given before the command.
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        sub.add_argument(
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
     return parser
 
 
@@ -220,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted. Every error is one line on stderr; ``--debug`` adds the traceback.
     """
     args = _parser().parse_args(argv)
+    configure_terminal(verbose=args.verbose)
     try:
         return _command(args)
     except KeyboardInterrupt:
@@ -264,7 +272,8 @@ def _command(args: argparse.Namespace) -> int:
         )
         return 130
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
-    print(f"\nsummary written to {run_dir / 'summary.json'}", file=sys.stderr)
+    written = "summary.json, report.png" + (", run.log" if args.command == "run" else "")
+    print(f"\n{written} written to {run_dir}", file=sys.stderr)
     return 0
 
 

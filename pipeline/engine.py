@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.config import EngineConfig
 from pipeline.errors import PipelineError
+from pipeline.terminal import adopt_library_loggers, verbose
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -39,7 +40,10 @@ Device = Literal["cpu", "cuda"]
 # OpenMP threads wait passively: spinning threads slowed sampling 8-13x when anything
 # else ran on the machine (docs/design.md §4). On CUDA neither applies.
 _CPU_ENVIRONMENT = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_WAIT_POLICY": "PASSIVE"}
-_COMMON_ENVIRONMENT = {"VLLM_LOGGING_LEVEL": "ERROR", "TOKENIZERS_PARALLELISM": "false"}
+# vLLM leaves its log records to Python's root logger instead of printing them itself:
+# the command line shows its errors (everything with --verbose) and run.log keeps its
+# INFO lines (pipeline.terminal).
+_COMMON_ENVIRONMENT = {"VLLM_CONFIGURE_LOGGING": "0", "TOKENIZERS_PARALLELISM": "false"}
 _CPU_KV_CACHE_BYTES = 256 * 1024**2
 _CPU_STEP_TOKENS = 4096
 
@@ -101,6 +105,7 @@ def resolve_profile(
 def _configure_environment(profile: EngineProfile) -> None:
     for key, value in profile.environment.items():
         os.environ.setdefault(key, value)
+    adopt_library_loggers()  # torch's (loaded by now), e.g. its "Triton not available"
     # vLLM's kernel registry touches a deprecated torch attribute while scanning
     # modules; the warning is about vLLM's code, not the user's, so keep it off screen.
     warnings.filterwarnings(
@@ -144,6 +149,8 @@ def load_engine(
             # generation_config.json.
             generation_config="vllm",
             logprobs_mode="raw_logprobs",
+            # The weight-loading and CUDA-graph capture bars, with --verbose only.
+            use_tqdm_on_load=verbose(),
             **options,
         )
     except Exception as err:  # vLLM raises many types; all mean "cannot load this model"

@@ -75,7 +75,14 @@ from pipeline.provenance import (
 )
 from pipeline.stats.summary import compute_summary, write_summary
 from pipeline.sweep import SWEEP_FIGURE, write_sweep
-from pipeline.terminal import LOGGER, StageProgress, attach_run_log, count_prompts, run_scope
+from pipeline.terminal import (
+    LOGGER,
+    StageProgress,
+    StepProgress,
+    attach_run_log,
+    count_prompts,
+    run_scope,
+)
 from pipeline.worker import StageTask
 
 
@@ -446,6 +453,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
             manifest.stage_done(task.stage, time.perf_counter() - started, shards_made=len(todo))
 
     started = time.perf_counter()
+    progress = StepProgress("stats", "summary, per-prompt table and figures")
     summary = {
         **compute_summary(run_dir, config),
         "config_hash": config_hash(config),
@@ -454,6 +462,7 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
     write_summary(run_dir, summary)
     write_report_figure(run_dir, summary, config)
     _show_sweep(run_dir, config, summary)
+    progress.done()
     manifest.stage_done("stats", time.perf_counter() - started)
     manifest.finish()
     return summary

@@ -1,0 +1,124 @@
+"""report.png on synthetic run directories: a valid PNG of the expected size, and panels
+that show what the summary and per_prompt.parquet hold, for 1 prompt and for many."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.config import load_config
+from pipeline.figures import MAX_LABELLED_PROMPTS, REPORT_FIGURE, plot_report, write_report_figure
+from pipeline.stats.summary import PER_PROMPT_PARQUET, compute_summary, paired_frame
+from tests.conftest import DEFAULT_CONFIG, TINY_P1
+from tests.synthetic import write_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Width and height in pixels, from the PNG's IHDR chunk (right after the signature)."""
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _run(
+    tmp_path: Path,
+    prompts: int,
+    per_model: int = 4,
+    models: tuple[str, ...] = ("p0", "p1"),
+    sampling: tuple[str, ...] = ("p0",),
+) -> tuple[Path, dict, object]:
+    run_dir = write_run(tmp_path, list(models), list(sampling), prompts, per_model)
+    overrides = [f"sampling.num_samples={per_model}", f"sampling.models=[{', '.join(sampling)}]"]
+    if len(models) > 2:
+        overrides += [f"models.{m}.path={TINY_P1}" for m in models[2:]]
+    config = load_config(DEFAULT_CONFIG, overrides)
+    return run_dir, compute_summary(run_dir, config), config
+
+
+@pytest.mark.parametrize(
+    ("prompts", "height"),
+    [
+        # 100 dpi, 15 in wide; 1.8 in + 0.21 in per labelled row, at least 5 in.
+        (1, 500),
+        (42, round(100 * (1.8 + 0.21 * 42))),
+        # Beyond MAX_LABELLED_PROMPTS the sorted band is drawn at the height of 20 rows.
+        (MAX_LABELLED_PROMPTS + 20, round(100 * (1.8 + 0.21 * 20))),
+    ],
+)
+def test_report_figure_is_a_png_beside_the_summary(
+    tmp_path: Path, prompts: int, height: int
+) -> None:
+    run_dir, summary, config = _run(tmp_path, prompts)
+    path = write_report_figure(run_dir, summary, config)
+    assert path == run_dir / REPORT_FIGURE
+    assert _png_size(path) == (1500, height)
+    assert not list(run_dir.glob(".*.tmp-*"))
+
+
+def _panels(tmp_path: Path, prompts: int, **run: object) -> tuple[object, dict, pl.DataFrame]:
+    run_dir, summary, config = _run(tmp_path, prompts, **run)
+    per_prompt = pl.read_parquet(run_dir / PER_PROMPT_PARQUET)
+    weights = {
+        name: paired_frame(run_dir, "p0", name, True, config.sampling_models, 4)[
+            "log_w1"
+        ].to_numpy()
+        for name in summary["candidates"]
+    }
+    return plot_report(weights, per_prompt, summary), summary, per_prompt
+
+
+def test_few_prompts_are_labelled_rows_sorted_by_delta_h(tmp_path: Path) -> None:
+    figure, summary, per_prompt = _panels(tmp_path, prompts=7)
+    weights, deltas = figure.axes
+    expected = per_prompt.sort("delta_H_nats")["prompt_id"].to_list()
+    assert [label.get_text() for label in deltas.get_yticklabels()] == expected
+    # The histogram counts every sequence once (filled steps, then their outline).
+    filled, outline = weights.patches
+    assert filled.get_data().values.sum() == summary["num_sequences"] == 7 * 4
+    np.testing.assert_array_equal(outline.get_data().values, filled.get_data().values)
+    legend = [text.get_text() for text in weights.get_legend().get_texts()]
+    est = summary["candidates"]["p1"]
+    assert legend == [
+        f"p1: ESS {est['ess']:,.1f} of 28, ESS/N {est['ess_fraction']:.2f}"
+        + (f", Pareto k̂ {est['pareto_k']:.2f}" if est["pareto_k"] is not None else "")
+    ]
+    assert weights.get_xlabel() == "log w = S(p1) \N{MINUS SIGN} S(p0)  (nats per sequence)"
+    assert deltas.get_xlabel() == "ΔH = H(p1) \N{MINUS SIGN} H(p0)  (nats/seq)"
+
+
+def test_one_prompt(tmp_path: Path) -> None:
+    figure, _, per_prompt = _panels(tmp_path, prompts=1)
+    deltas = figure.axes[1]
+    assert [label.get_text() for label in deltas.get_yticklabels()] == per_prompt[
+        "prompt_id"
+    ].to_list()
+
+
+def test_many_prompts_are_a_sorted_band_without_labels(tmp_path: Path) -> None:
+    prompts = MAX_LABELLED_PROMPTS + 5
+    figure, _, per_prompt = _panels(tmp_path, prompts=prompts)
+    deltas = figure.axes[1]
+    assert len(deltas.get_yticks()) == 0
+    assert deltas.get_ylabel() == f"{prompts} prompts, sorted by ΔH"
+    (line,) = [line for line in deltas.get_lines() if line.get_label().endswith("(sorted)")]
+    np.testing.assert_array_equal(line.get_xdata(), np.sort(per_prompt["delta_H_nats"]))
+
+
+def test_mixture_sampling_and_two_candidates(tmp_path: Path) -> None:
+    figure, _, _ = _panels(tmp_path, prompts=3, models=("p0", "p1", "p2"), sampling=("p0", "p1"))
+    weights, deltas = figure.axes
+    assert weights.get_xlabel() == "log w = S(candidate) \N{MINUS SIGN} log q  (nats per sequence)"
+    assert weights.get_title().endswith("the mixture of p0, p1")
+    legend = [text.get_text() for text in weights.get_legend().get_texts()]
+    assert [entry.split(":")[0] for entry in legend] == ["p1", "p2"]
+    # Each candidate's histogram counts all its sequences: 3 prompts x 2 samplers x 4.
+    assert [patch.get_data().values.sum() for patch in weights.patches[::2]] == [24, 24]
+    labels = [text.get_text() for text in deltas.get_legend().get_texts()]
+    assert sum(label.startswith("p2, all prompts") for label in labels) == 1
