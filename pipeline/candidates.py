@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pipeline.models import (
     model_content_hash,
     require_model_dir,
 )
+from pipeline.terminal import LOGGER
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +50,6 @@ RECIPE_VERSION = "1"
 # Weight files of other formats, not copied into an interpolation (they would hold
 # theta0's weights beside the interpolated safetensors).
 _OTHER_WEIGHTS = {".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"}
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -261,12 +257,12 @@ class _Materialiser:
         key = cache_key(kind, *parts)
 
         def announced(out: Path) -> None:
-            _log(f"  {name}: making the {what}")
+            LOGGER.info(f"  {name}: making the {what}")
             build(out)
 
         folder, made = cached_folder(self.cache_root, key, announced)
         if not made:
-            _log(f"  {name}: using the cached {what} ({folder})")
+            LOGGER.info(f"  {name}: using the cached {what} ({folder})")
         identity = {
             "kind": kind,
             "path": str(folder),

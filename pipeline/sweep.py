@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import _temporary_name
 from pipeline.config import Interpolation, RunConfig
-from pipeline.errors import naming
+from pipeline.figures import save_png
 from pipeline.stats.registry import ESTIMATES, Unit
 
 SWEEP_FIGURE = "sweep.png"
@@ -198,6 +197,7 @@ def plot_sweeps(
                     color=colour,
                     alpha=0.15,
                     linewidth=0,
+                    label=rf"$\eta \times$ {level:.0%} interval of $\delta H_1$",
                 )
         top.errorbar(
             etas,
@@ -235,16 +235,10 @@ def plot_sweeps(
     )
     bottom.grid(alpha=0.3)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_name(path)
     try:
-        with naming(path):
-            figure.savefig(temporary, dpi=120, format="png")
-            temporary.replace(path)
+        return save_png(figure, path, dpi=120)
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
-    return path
 
 
 def write_sweep(run_dir: Path, config: RunConfig, summary: dict[str, Any]) -> str | None:

@@ -22,14 +22,14 @@ this script runs only when the models are to be rebuilt::
 from __future__ import annotations
 
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.cache import publish_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "data" / "corpus"
@@ -131,17 +131,15 @@ def train(
 
 
 def save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, name: str) -> None:
-    """Write model and tokenizer to ``data/models/<name>`` atomically (temp dir, rename)."""
-    MODELS.mkdir(parents=True, exist_ok=True)
-    target = MODELS / name
-    with tempfile.TemporaryDirectory(dir=MODELS) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        for path in [Path(tmp), *Path(tmp).iterdir()]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        shutil.rmtree(target, ignore_errors=True)
-        Path(tmp).rename(target)
-        Path(tmp).mkdir()  # TemporaryDirectory cleans up the (now empty) name.
+    """Write model and tokenizer to ``data/models/<name>``, replacing it atomically."""
+
+    def build(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        for path in folder.iterdir():
+            path.chmod(0o644)  # the committed files' mode, whatever the umask
+
+    publish_folder(MODELS / name, build, replace=True)
 
 
 def main() -> None:
