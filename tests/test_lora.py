@@ -1,4 +1,8 @@
-"""LoRA candidates are merged once (cached by content hash) and scored as full models."""
+"""LoRA candidates are merged once (cached by content hash) and scored as full models.
+
+Both spellings are tested: the adapter kind (`adapter`, `base`) and, as older configs
+wrote it, an adapter folder given as `path`.
+"""
 
 from __future__ import annotations
 
@@ -53,11 +57,15 @@ def test_lora_candidate_matches_hugging_face_with_the_adapter(
         f"merged_models_dir={cache}",
     ]
     assert run_cli(*args) == 0
-    assert "merging LoRA adapter" in capsys.readouterr().err
+    assert f"p1: making the merge of LoRA adapter {adapter} into {TINY_P0}" in (
+        capsys.readouterr().err
+    )
     (merged,) = cache.iterdir()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["models"]["p1"]["lora_adapter"] == str(adapter)
-    assert manifest["models"]["p1"]["path"] == str(merged)
+    identity = json.loads((run_dir / "manifest.json").read_text())["models"]["p1"]
+    assert identity["kind"] == "lora"
+    assert identity["path"] == str(merged)
+    assert identity["inputs"]["adapter"]["path"] == str(adapter)
+    assert identity["inputs"]["base"]["path"] == str(TINY_P0)
 
     base = AutoModelForCausalLM.from_pretrained(TINY_P0, dtype=torch.float32)
     with_adapter = PeftModel.from_pretrained(base, adapter).eval()  # unmerged: applied on the fly
@@ -77,12 +85,15 @@ def test_lora_candidate_matches_hugging_face_with_the_adapter(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert abs(summary["delta_H_nats"]) > 0  # the adapter moved the model
 
-    # A second run reuses the merge instead of merging again.
+    # A second run, with the adapter kind's spelling, reuses the merge.
     stamp = (merged / "model.safetensors").stat().st_mtime_ns
     args[args.index(run_dir)] = tmp_path / "second"
+    args[args.index(f"models.p1.path={adapter}")] = f"models.p1={{adapter: {adapter}}}"
     assert run_cli(*args) == 0
-    assert "using the cached merge" in capsys.readouterr().err
+    assert f"p1: using the cached merge of LoRA adapter {adapter}" in capsys.readouterr().err
     assert (merged / "model.safetensors").stat().st_mtime_ns == stamp
+    second = json.loads((tmp_path / "second" / "manifest.json").read_text())["models"]["p1"]
+    assert second == identity
 
 
 def test_adapter_without_a_local_base_is_refused(
