@@ -8,12 +8,15 @@ Layout of a run directory (one Parquet part per shard of prompts)::
     scores/<model>/part-NNNNN.parquet   one row per sequence, teacher-forced log-probs
     summary.json                  statistics (written by the stats stage)
     summary.parquet               the same, one row per candidate (for history tables)
+    per_prompt.parquet            per-prompt estimates
 
 Samples and scores share SEQUENCE_SCHEMA: in ``samples`` the per-token log-probs are
 the ones vLLM returned while sampling (kept only as a diagnostic), in ``scores`` they
 are the teacher-forced ones every estimate uses. Every write goes to a temporary
 dot-name first and is renamed into place, and readers only match ``part-*.parquet``,
-so a crash never leaves a half-written file that reads as data.
+so a crash never leaves a half-written file that reads as data. Parquet files carry
+page checksums (CRC-32 of every page), which ``pipeline.verify`` checks on read, and
+the layout version of their kind of artifact (``SCHEMA_VERSIONS``).
 """
 
 from __future__ import annotations
@@ -27,21 +30,28 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError, naming
 
-# summary.parquet's schema is derived from the estimate registry, where every summary
-# key is declared; re-exported here beside the other artifact schemas.
+# The schemas of summary.parquet and per_prompt.parquet are derived from the estimate
+# registry, where every summary key is declared; re-exported beside the other schemas.
+from pipeline.stats.registry import PER_PROMPT_SCHEMA as PER_PROMPT_SCHEMA
 from pipeline.stats.registry import SUMMARY_SCHEMA as SUMMARY_SCHEMA
 
+# Layout version of manifest.json (readers of fields every version shares, such as
+# ``history``, accept any; ``read_manifest`` explains why).
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 SUMMARY_PARQUET = "summary.parquet"
+PER_PROMPT_PARQUET = "per_prompt.parquet"
 TEMPORARY_GLOB = ".*.tmp-*"
+# Files that hold statistics of the data beside them, and figures drawn from those.
+SUMMARY_FILES = (SUMMARY, SUMMARY_PARQUET, PER_PROMPT_PARQUET, "report.png", "sweep.png")
 
 PROMPTS_SCHEMA = pa.schema(
     [
@@ -64,6 +74,30 @@ SEQUENCE_SCHEMA = pa.schema(
         pa.field("L", pa.int32(), nullable=False),  # number of completion tokens
     ]
 )
+
+
+# Layout version of each kind of Parquet artifact, stamped into every file's metadata
+# (``schema_version``) and checked by every reader. Raise a kind's version whenever
+# its schema changes. History: summary 2 added ``run_id``.
+SCHEMA_VERSIONS: dict[str, int] = {"prompts": 1, "sequences": 1, "summary": 2, "per_prompt": 1}
+_KIND_SCHEMAS = {
+    "prompts": PROMPTS_SCHEMA,
+    "sequences": SEQUENCE_SCHEMA,
+    "summary": SUMMARY_SCHEMA,
+    "per_prompt": PER_PROMPT_SCHEMA,
+}
+
+
+def schema_version(schema: pa.Schema) -> int | None:
+    """The layout version of the artifact kind whose schema is ``schema`` (None: no kind).
+
+    Looked up by the schema itself, which is what the version describes.
+    """
+    bare = schema.remove_metadata()
+    for kind, declared in _KIND_SCHEMAS.items():
+        if bare.equals(declared):
+            return SCHEMA_VERSIONS[kind]
+    return None
 
 
 def prompts_dir(run_dir: Path) -> Path:
@@ -117,6 +151,39 @@ def scores_dir(run_dir: Path, model: str) -> Path:
     return run_dir / "scores" / model
 
 
+def stage_folder(run_dir: Path, stage: str) -> Path:
+    """Folder of a stage's parts: ``prompts``, ``sample``, ``sample/<m>`` or ``score/<m>``."""
+    if stage == "prompts":
+        return prompts_dir(run_dir)
+    if stage == "sample":
+        return samples_dir(run_dir)
+    if stage.startswith("sample/"):
+        return samples_dir(run_dir, stage.removeprefix("sample/"))
+    return scores_dir(run_dir, stage.removeprefix("score/"))
+
+
+def stray_parts(folder: Path, num_shards: int) -> list[Path]:
+    """Files in ``folder`` named like parts that are not one of its ``num_shards`` parts.
+
+    Readers take every ``part-*.parquet`` of a folder, so a part beyond the run's last
+    shard (copied in, or left by an older cut of the prompts) would be read as data.
+    """
+    expected = {part_name(index) for index in range(num_shards)}
+    return sorted(p for p in folder.glob("part-*.parquet") if p.name not in expected)
+
+
+def remove_summaries(run_dir: Path) -> list[Path]:
+    """Delete the statistics and figures of ``run_dir`` (``SUMMARY_FILES``); return them.
+
+    Called before anything that changes what they describe (a stage that makes a
+    shard) or rewrites them, so that a summary never stands beside other data.
+    """
+    removed = [run_dir / name for name in SUMMARY_FILES if (run_dir / name).is_file()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
 def _temporary_name(path: Path) -> Path:
     # Unique per host and process: two writers of one path (on a shared file system,
     # or a lock-breaking mistake) never write into each other's temporary file.
@@ -136,46 +203,27 @@ def part_name(index: int) -> str:
 
 
 def write_table(table: pa.Table, path: Path, metadata_fields: dict[str, str]) -> Path:
-    """Write ``table`` to ``path`` atomically, with metadata.
+    """Write ``table`` to ``path`` atomically, with metadata and page checksums.
 
-    ``metadata_fields`` (schema version, stage fingerprint, shard, what the file holds)
-    go into the Parquet file's key-value metadata so the file identifies itself.
+    ``metadata_fields`` (stage fingerprint, shard, what the file holds) go into the
+    Parquet file's key-value metadata so the file identifies itself, after the layout
+    version of its kind (``schema_version``, for tables of a declared artifact schema).
+    Every page carries a CRC-32 (``write_page_checksum``), so a flipped bit is found
+    by a reader that verifies them (``pipeline.verify``).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = {"schema_version": str(SCHEMA_VERSION), **metadata_fields}
+    version = schema_version(table.schema)
+    fields = {"schema_version": str(version)} if version is not None else {}
+    fields.update(metadata_fields)
     table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in fields.items()})
     temporary = _temporary_name(path)
     try:
-        pq.write_table(table, temporary)
-        _replace_durably(temporary, path)
+        with naming(path):
+            pq.write_table(table, temporary, write_page_checksum=True)
+            _replace_durably(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
     return path
-
-
-def shard_problem(path: Path, schema: pa.Schema, fingerprint: str, rows: int) -> str | None:
-    """Why the shard at ``path`` cannot be reused, or None when it is complete and valid.
-
-    Valid means: readable Parquet, the expected columns, written for this ``fingerprint``
-    (same inputs) and holding ``rows`` rows.
-    """
-    if not path.exists():
-        return "missing"
-    try:
-        found = pq.read_schema(path)
-        num_rows = pq.read_metadata(path).num_rows
-    except Exception as err:  # pyarrow raises several types for damaged files
-        return f"unreadable ({err})"
-    metadata = found.metadata or {}
-    if metadata.get(b"schema_version") != str(SCHEMA_VERSION).encode():
-        return "written by another schema version"
-    if not found.remove_metadata().equals(schema):
-        return "unexpected columns"
-    if metadata.get(b"fingerprint") != fingerprint.encode():
-        return "written from other inputs"
-    if num_rows != rows:
-        return f"{num_rows} rows instead of {rows}"
-    return None
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
@@ -218,9 +266,10 @@ def scan_checked(
                 "directory with its config: damaged shards are redone."
             ) from None
         version = (found.metadata or {}).get(b"schema_version", b"?").decode()
-        if version != str(SCHEMA_VERSION) or not found.remove_metadata().equals(schema):
+        expected = schema_version(schema)
+        if version != str(expected) or not found.remove_metadata().equals(schema):
             raise PipelineError(
-                f"{part} has schema version {version}, expected {SCHEMA_VERSION} with "
+                f"{part} has schema version {version}, expected {expected} with "
                 "the current columns; it was written by another version of "
                 "entropy-pipeline. Re-run the pipeline into a new run directory."
             )
@@ -257,6 +306,15 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def require_run_dir(run_dir: Path) -> None:
+    """Refuse a folder that is not a run directory (it has no manifest)."""
+    if not (run_dir / MANIFEST).is_file():
+        raise PipelineError(
+            f"{run_dir} is not a run directory: it has no {MANIFEST}. Pass the folder "
+            "that `entropy-pipeline run` wrote."
+        )
+
+
 def read_manifest(run_dir: Path, any_version: bool = False) -> dict[str, Any]:
     """The manifest of ``run_dir``; refuses a folder that is not a run directory.
 
@@ -264,12 +322,8 @@ def read_manifest(run_dir: Path, any_version: bool = False) -> dict[str, Any]:
     with one line naming it. ``any_version`` accepts every schema version, for readers
     of the fields all versions share (``status``, ``config_hash``, ``started_at``).
     """
+    require_run_dir(run_dir)
     path = run_dir / MANIFEST
-    if not path.is_file():
-        raise PipelineError(
-            f"{run_dir} is not a run directory: it has no {MANIFEST}. Pass the folder "
-            "that `entropy-pipeline run` wrote."
-        )
     try:
         manifest = json.loads(path.read_bytes())
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
@@ -298,13 +352,19 @@ def sequence_row(
     finish_reason: str,
     token_logprobs: list[float],
 ) -> dict[str, Any]:
-    """One SEQUENCE_SCHEMA row; ``S`` is the float64 sum of the log-probs, ``L`` their count."""
+    """One SEQUENCE_SCHEMA row; ``L`` is the number of tokens.
+
+    ``S`` = sum of the log-probs as stored: each rounded to float32 (the column's type;
+    vLLM computes them in float32, so this changes nothing), summed in float64 from the
+    first token to the last. ``pipeline.verify`` checks this relation on every read.
+    """
+    stored = np.asarray(token_logprobs, dtype=np.float32).astype(np.float64).tolist()
     return {
         "prompt_id": prompt_id,
         "sample_idx": sample_idx,
         "completion_token_ids": completion_token_ids,
         "finish_reason": finish_reason,
-        "token_logprobs": token_logprobs,
-        "S": float(sum(token_logprobs)),
+        "token_logprobs": stored,
+        "S": float(sum(stored)),
         "L": len(completion_token_ids),
     }

@@ -27,25 +27,28 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline import __version__
 from pipeline.artifacts import (
     MANIFEST,
-    PROMPTS_SCHEMA,
     SCHEMA_VERSION,
-    SEQUENCE_SCHEMA,
     library_versions,
     part_name,
     prompts_dir,
     read_manifest,
+    remove_summaries,
     remove_temporaries,
-    samples_dir,
-    scores_dir,
-    shard_problem,
+    require_run_dir,
+    stage_folder,
+    stray_parts,
     write_json,
 )
 from pipeline.candidates import materialise_models
@@ -57,14 +60,16 @@ from pipeline.config import (
     set_dotted,
     validate_config,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import EnvironmentProblem, PipelineError
 from pipeline.figures import write_report_figure
+from pipeline.identity import check_model_unchanged
+from pipeline.lock import LOCK_FILE, RunLock
 from pipeline.models import (
     check_shared_tokenizer,
     load_tokenizer,
     model_context_length,
-    require_model_dir,
 )
+from pipeline.preflight import ModelShape, check_kv_cache, check_settings, model_shape
 from pipeline.prompts import iter_prompts, prompt_file_digest, write_prompt_shards
 from pipeline.provenance import (
     differences,
@@ -83,6 +88,7 @@ from pipeline.terminal import (
     count_prompts,
     run_scope,
 )
+from pipeline.verify import Expected, shard_problem, verify_run
 from pipeline.worker import StageTask
 
 
@@ -165,14 +171,31 @@ def _sample_stage(config: RunConfig, sampler_index: int) -> str:
     return "sample" if sampler_index == 0 else f"sample/{config.sampling_models[sampler_index]}"
 
 
-def _stage_folder(run_dir: Path, stage: str) -> Path:
-    if stage == "prompts":
-        return prompts_dir(run_dir)
-    if stage == "sample":
-        return samples_dir(run_dir)
-    if stage.startswith("sample/"):
-        return samples_dir(run_dir, stage.removeprefix("sample/"))
-    return scores_dir(run_dir, stage.removeprefix("score/"))
+def _is_new(run_dir: Path) -> bool:
+    """True for a run directory to start: missing, or empty but for its lock file.
+
+    Anything else must be a run directory (a manifest beside it) to resume: a folder
+    of the user's is never written into.
+    """
+    if not run_dir.exists() or not any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        return True
+    if not (run_dir / MANIFEST).is_file():
+        raise PipelineError(
+            f"{run_dir} holds files but no {MANIFEST}: it is not a run directory. "
+            "Choose a new --out."
+        )
+    return False
+
+
+def _flat(inputs: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested inputs as dotted keys, so that a difference names the one setting."""
+    flat: dict[str, Any] = {}
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
@@ -180,38 +203,32 @@ def _reconcile(run_dir: Path, plan: _Plan, force: bool) -> dict[str, Any]:
 
     Stages whose recorded inputs differ are refused, or with ``force`` deleted.
     """
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if _is_new(run_dir):
         return {}
-    if not (run_dir / MANIFEST).is_file():
-        raise PipelineError(
-            f"{run_dir} holds files but no {MANIFEST}: it is not a run directory. "
-            "Choose a new --out."
-        )
     manifest = read_manifest(run_dir)
     recorded = manifest.get("inputs", {})
     stages = dict(manifest.get("stages", {}))
 
     def has_parts(stage: str) -> bool:
-        return any(_stage_folder(run_dir, stage).glob("part-*.parquet"))
+        return any(stage_folder(run_dir, stage).glob("part-*.parquet"))
 
     # A stage that wrote nothing yet (it failed before its first shard) binds nothing.
     stale = {
-        stage: differences(recorded[stage], current)
+        stage: differences(_flat(recorded[stage]), _flat(current))
         for stage, current in plan.stage_inputs.items()
         if stage in recorded and recorded[stage] != current and has_parts(stage)
     }
     if stale and not force:
-        lines = [f"  {stage}: {line}" for stage, diff in stale.items() for line in diff]
+        listed = "; ".join(f"{stage}: {line}" for stage, diff in stale.items() for line in diff)
         raise PipelineError(
-            f"run directory {run_dir} was made from other inputs:\n"
-            + "\n".join(lines)
-            + "\nUse the original config and models to resume, a new --out for a new run, "
-            "or --force to redo the stages that differ."
+            f"run directory {run_dir} was made from other inputs ({listed}). Use the "
+            "original config and models to resume, a new --out for a new run, or --force "
+            "to redo the stages that differ."
         )
     for stage in stale:
         _log(f"--force: starting {stage} over")
         # Only the stage's own parts: samples/ also holds further samplers' folders.
-        for part in _stage_folder(run_dir, stage).glob("part-*.parquet"):
+        for part in stage_folder(run_dir, stage).glob("part-*.parquet"):
             part.unlink()
         stages.pop(stage, None)
     return {**manifest, "stages": stages}
@@ -243,16 +260,25 @@ class _Manifest:
 
 
 def _require_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` (with its parents) and check that this process may write it.
+
+    A file where a folder must be is the input's fault (exit status 2); a missing
+    permission or a read-only file system the machine's (``EnvironmentProblem``, 1).
+    """
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        writable = os.access(run_dir, os.W_OK | os.X_OK)
-    except OSError as err:
-        writable, reason = False, f" ({err.strerror})"
-    else:
-        reason = ""
-    if not writable:
+    except (FileExistsError, NotADirectoryError) as err:
         raise PipelineError(
-            f"run directory {run_dir} cannot be created or written{reason}; choose another --out."
+            f"run directory {run_dir} cannot be created ({err.strerror}: a file is in the "
+            "way); choose another --out."
+        ) from None
+    except OSError as err:
+        raise EnvironmentProblem(
+            f"run directory {run_dir} cannot be created ({err.strerror}); choose another --out."
+        ) from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise EnvironmentProblem(
+            f"run directory {run_dir} cannot be written (permission denied); choose another --out."
         )
 
 
@@ -270,7 +296,8 @@ def _prompt_shards(plan: _Plan, run_dir: Path, manifest: _Manifest) -> dict[str,
             for index, rows in enumerate(done["shard_sizes"])
             if (
                 problem := shard_problem(
-                    folder / part_name(index), PROMPTS_SCHEMA, plan.fingerprint(stage), rows
+                    folder / part_name(index),
+                    Expected("prompts", plan.fingerprint(stage), index, rows),
                 )
             )
             is not None
@@ -298,10 +325,6 @@ def _prompt_shards(plan: _Plan, run_dir: Path, manifest: _Manifest) -> dict[str,
             "content": "prompts",
         },
     )
-    # Parts beyond the new last shard belong to an older cut of the prompts.
-    for extra in folder.glob("part-*.parquet"):
-        if int(extra.stem.removeprefix("part-")) >= len(shards.sizes):
-            extra.unlink()
     manifest.stage_done(
         stage,
         time.perf_counter() - started,
@@ -312,12 +335,32 @@ def _prompt_shards(plan: _Plan, run_dir: Path, manifest: _Manifest) -> dict[str,
     return manifest.content["stages"][stage]
 
 
-def _todo(task: StageTask, shard_rows: list[int], also: set[int]) -> list[int]:
-    """Shards of ``task``'s stage to (re)make: invalid ones, and those in ``also``."""
+def _remove_strays(run_dir: Path, plan: _Plan, num_shards: int) -> None:
+    """Delete part files beyond the run's shards (an older cut of the prompts, a copy)."""
+    for stage in plan.stage_inputs:
+        for stray in stray_parts(stage_folder(run_dir, stage), num_shards):
+            _log(f"  {stage}: removed {stray.name}, not one of the run's {num_shards} shards")
+            stray.unlink()
+
+
+def _prompt_ids(run_dir: Path, num_shards: int) -> list[pa.ChunkedArray]:
+    """Each shard's prompt ids, from the prompts parts (the prompts stage verified them)."""
+    ids = []
+    for index in range(num_shards):
+        with pq.ParquetFile(prompts_dir(run_dir) / part_name(index)) as part:
+            ids.append(part.read(columns=["prompt_id"])["prompt_id"])
+    return ids
+
+
+def _todo(task: StageTask, prompt_ids: list[pa.ChunkedArray], also: set[int]) -> list[int]:
+    """Shards of ``task``'s stage to (re)make: invalid ones, and those in ``also``.
+
+    Valid is what ``pipeline.verify`` says: checksums, fingerprint, keys and sums.
+    """
     todo = []
-    for index, rows in enumerate(shard_rows):
+    for index, ids in enumerate(prompt_ids):
         path = task.output_path(index)
-        problem = shard_problem(path, SEQUENCE_SCHEMA, task.fingerprint, rows)
+        problem = shard_problem(path, task.expected_output(index, ids))
         if problem is not None and problem != "missing":
             _log(f"  {task.stage}: {path.parent.name}/{path.name} is {problem}; redoing it")
         if problem is not None or index in also:
@@ -377,21 +420,68 @@ def _show_sweep(run_dir: Path, config: RunConfig, summary: dict[str, Any]) -> No
         _log(f"{table}\nsweep figure written to {run_dir / SWEEP_FIGURE}")
 
 
+def _check_kv_cache(
+    plan: _Plan, shapes: list[ModelShape], longest_prompt: int, max_model_len: int
+) -> None:
+    """Refuse a KV cache too small for one sequence, on the device the engines get."""
+    from pipeline.engine import detect_device, resolve_profile
+
+    config = plan.config
+    device = config.engine.device
+    if device == "auto":
+        if config.execution.backend != "local":
+            return  # each Ray worker detects its own device; vLLM checks there
+        device = detect_device()
+    profile = resolve_profile(config.engine, device, longest_prompt, config.sampling.num_samples)
+    check_kv_cache(config, shapes, profile.kv_cache_memory_bytes, device, max_model_len)
+
+
+def _summary_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's run identity, which the summary carries (``history`` matches them)."""
+    return {
+        "run_id": manifest.get("run_id"),
+        "config_hash": manifest["config_hash"],
+        "run_started_at": manifest.get("started_at", manifest.get("created_at")),
+    }
+
+
 @run_scope  # closes run.log and the progress bars however the run ends
 def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Run, or resume, every stage in ``run_dir`` and return the summary."""
+    """Run, or resume, every stage in ``run_dir`` and return the summary.
+
+    Config, models and settings are checked before the run directory is made; the
+    stages then run under its lock (``pipeline.lock``): a second run, or ``stats``,
+    on the same directory is refused at once, naming this one.
+    """
+    plan = _plan(config)
+    shapes = [model_shape(name, path) for name, path in plan.paths.items()]
+    check_settings(config, shapes)
+    _is_new(run_dir)  # refuses a folder of the user's before a lock file is put into it
+    _require_writable(run_dir)
+    with RunLock(run_dir, "run"):
+        return _run_stages(plan, shapes, run_dir, force)
+
+
+def _run_stages(
+    plan: _Plan, shapes: list[ModelShape], run_dir: Path, force: bool
+) -> dict[str, Any]:
+    """``run_pipeline`` from reconciling to the finished manifest, under the lock."""
     from pipeline.executors import open_executor
 
-    plan = _plan(config)
+    config = plan.config
     previous = _reconcile(run_dir, plan, force)
     fresh = not previous
-    _require_writable(run_dir)
-    for leftover in remove_temporaries(run_dir):
+    for leftover in remove_temporaries(run_dir):  # no other writer: the lock is held
         _log(f"  removed a temporary file left by an interrupted run: {leftover}")
+    # The statistics describe the data as it was; they are written again at the end,
+    # after the manifest says running and before it says complete.
+    remove_summaries(run_dir)
     manifest = _Manifest(
         run_dir,
         {
             "schema_version": SCHEMA_VERSION,
+            # Made once per run directory; the summary carries it (_summary_identity).
+            "run_id": previous.get("run_id") or uuid.uuid4().hex,
             "status": "running",
             "started_at": previous.get("started_at", _now()),
             "updated_at": _now(),
@@ -415,18 +505,20 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
     attach_run_log(run_dir)
     try:
         prompts_record = _prompt_shards(plan, run_dir, manifest)
+        # Just what the prompts need, within the models' context, unless set explicitly.
+        max_model_len = config.engine.max_model_len or min(
+            plan.model_context,
+            prompts_record["longest_prompt_tokens"] + config.sampling.max_tokens + 1,
+        )
+        _check_kv_cache(plan, shapes, prompts_record["longest_prompt_tokens"], max_model_len)
     except PipelineError:
-        if fresh:  # bad prompts found while streaming them: leave nothing behind
+        if fresh:  # bad prompts or settings found with the prompts: leave nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     group = config.sampling.num_samples
     shard_sizes = prompts_record["shard_sizes"]
-    sample_rows = [size * group for size in shard_sizes]
-    score_rows = [rows * len(config.sampling_models) for rows in sample_rows]
-    # Just what the prompts need, within the models' context, unless set explicitly.
-    max_model_len = config.engine.max_model_len or min(
-        plan.model_context, prompts_record["longest_prompt_tokens"] + config.sampling.max_tokens + 1
-    )
+    _remove_strays(run_dir, plan, len(shard_sizes))
+    prompt_ids = _prompt_ids(run_dir, len(shard_sizes))
     manifest.set("engine", {"max_model_len": max_model_len})
     samplers = " + ".join(config.sampling_models)
     _log(
@@ -438,14 +530,18 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
         manifest.set("executor", executor.description())
         for task in _engine_tasks(plan, run_dir, prompts_record, max_model_len):
             if task.kind == "sample":
-                todo = _todo(task, sample_rows, set())
+                todo = _todo(task, prompt_ids, set())
                 remade |= set(todo)
             else:
                 # Re-made samples invalidate every model's scores of those shards.
-                todo = _todo(task, score_rows, remade)
+                todo = _todo(task, prompt_ids, remade)
             if not todo:
                 continue
-            require_model_dir(task.model, task.model_path)  # it may have gone since planning
+            # Right before its engine loads: the model may have changed or gone since
+            # it was hashed for the plan.
+            check_model_unchanged(
+                task.model, task.model_path, plan.identities[task.model]["content_sha256"]
+            )
             started = time.perf_counter()
             progress = StageProgress(task.stage, shards=len(todo), of=len(shard_sizes))
             for done in executor.run(task, todo):
@@ -453,12 +549,9 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
             manifest.stage_done(task.stage, time.perf_counter() - started, shards_made=len(todo))
 
     started = time.perf_counter()
-    progress = StepProgress("stats", "summary, per-prompt table and figures")
-    summary = {
-        **compute_summary(run_dir, config),
-        "config_hash": config_hash(config),
-        "run_started_at": manifest.content["started_at"],
-    }
+    progress = StepProgress("stats", "summary and figures")
+    verify_run(run_dir, manifest.content)
+    summary = {**compute_summary(run_dir, config), **_summary_identity(manifest.content)}
     write_summary(run_dir, summary)
     write_report_figure(run_dir, summary, config)
     _show_sweep(run_dir, config, summary)
@@ -469,7 +562,18 @@ def run_pipeline(config: RunConfig, run_dir: Path, force: bool = False) -> dict[
 
 
 def run_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """Recompute ``summary.json`` of a finished run with other statistics options."""
+    """Recompute ``summary.json`` of a finished run with other statistics options.
+
+    Holds the run directory's lock throughout (a run writing it refuses this, and
+    this a run), and verifies every part against the manifest before reading them.
+    """
+    require_run_dir(run_dir)  # before the lock: no lock file in a folder that is no run
+    with RunLock(run_dir, "stats"):
+        return _recompute_stats(run_dir, overrides)
+
+
+def _recompute_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """``run_stats`` under the lock."""
     manifest = read_manifest(run_dir)
     if manifest.get("status") != "complete":
         done = ", ".join(manifest.get("stages", {})) or "none"
@@ -487,11 +591,9 @@ def run_stats(run_dir: Path, overrides: list[str]) -> dict[str, Any]:
             )
         set_dotted(tree, key, value)
     config = validate_config(tree, f"of run {run_dir} with overrides {overrides}")
-    summary = {
-        **compute_summary(run_dir, config),
-        "config_hash": manifest["config_hash"],
-        "run_started_at": manifest.get("started_at", manifest.get("created_at")),
-    }
+    verify_run(run_dir, manifest)
+    remove_summaries(run_dir)  # a kill while they are rewritten leaves none, not a mix
+    summary = {**compute_summary(run_dir, config), **_summary_identity(manifest)}
     write_summary(run_dir, summary)
     write_report_figure(run_dir, summary, config)
     _show_sweep(run_dir, config, summary)

@@ -4,9 +4,11 @@ A ``StageTask`` is everything a worker needs to make any shard of one stage (sam
 or score under one model): small and picklable, so that the same task runs in this
 process (the local executor) or in a Ray actor on another machine. A worker reads
 its inputs from the run directory (``prompts/part-N``, and for scoring
-``samples/part-N``), checks that they were made from the inputs the task expects,
-runs its engine, and writes its one output part atomically. The driver alone plans,
-reconciles, writes the manifest and computes the statistics.
+``samples/part-N``), verified as every read is (``pipeline.verify``: checksums,
+fingerprint, keys, S), runs its engine, checks what the engine returned the same way
+(a NaN or infinite log-prob is refused here, naming the model, prompt and sample),
+and writes its one output part atomically. The driver alone plans, reconciles,
+writes the manifest and computes the statistics.
 """
 
 from __future__ import annotations
@@ -19,21 +21,25 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.artifacts import (
-    PROMPTS_SCHEMA,
-    SEQUENCE_SCHEMA,
     part_name,
     prompts_dir,
     sample_folders,
     scores_dir,
-    shard_problem,
     write_table,
 )
 from pipeline.config import EngineConfig, SamplingConfig
 from pipeline.errors import PipelineError
 from pipeline.provenance import sampling_seed
+from pipeline.verify import (
+    Expected,
+    PartProblem,
+    expected_keys,
+    keys_problem,
+    read_part,
+    sequence_problem,
+)
 
 # Test hook: when the environment names a file here and that file exists, the first
 # worker to remove it SIGKILLs itself in the middle of its shard, so tests can check
@@ -85,6 +91,26 @@ class StageTask:
         folders = sample_folders(self.run_dir, [model for model, _ in self.sampling_models])
         return folders[sampler_index] / part_name(index)
 
+    def output_keys(self, prompt_ids: pa.ChunkedArray) -> pa.Table:
+        """The keys of a part of this stage, given its shard's prompt ids.
+
+        A sample part holds the G completions of its sampling model for each prompt; a
+        score part every sampling model's rows, in model order.
+        """
+        samplers = (
+            [self.sampler_index] if self.kind == "sample" else range(len(self.sampling_models))
+        )
+        return expected_keys(prompt_ids, self.sampling.num_samples, samplers)
+
+    def expected_output(self, index: int, prompt_ids: pa.ChunkedArray) -> Expected:
+        """What part ``index`` of this stage must be, given that shard's prompt ids."""
+        return Expected(
+            "samples" if self.kind == "sample" else "scores",
+            self.fingerprint,
+            index,
+            keys=self.output_keys(prompt_ids),
+        )
+
 
 @dataclass(frozen=True)
 class ShardDone:
@@ -95,16 +121,15 @@ class ShardDone:
     seconds: float
 
 
-def read_input_part(path: Path, schema: pa.Schema, fingerprint: str) -> pa.Table:
-    """Read a part another stage wrote, refusing one made from other inputs."""
-    rows = pq.read_metadata(path).num_rows if path.exists() else -1
-    problem = shard_problem(path, schema, fingerprint, rows)
-    if problem is not None:
+def read_input_part(path: Path, expected: Expected) -> pa.Table:
+    """Read a part another stage wrote, verified (``pipeline.verify.read_part``)."""
+    try:
+        return read_part(path, expected)
+    except PartProblem as problem:
         raise PipelineError(
             f"{path} is {problem}; it cannot be used as input. Re-run "
             "`entropy-pipeline run --out` on the run directory to redo it."
-        )
-    return pq.read_table(path)
+        ) from None
 
 
 class ShardWorker:
@@ -140,7 +165,8 @@ class ShardWorker:
 
         task, started = self.task, time.perf_counter()
         prompts = read_input_part(
-            prompts_dir(task.run_dir) / part_name(index), PROMPTS_SCHEMA, task.prompts_fingerprint
+            prompts_dir(task.run_dir) / part_name(index),
+            Expected("prompts", task.prompts_fingerprint, index),
         )
         _maybe_kill_for_test()
         if task.kind == "sample":
@@ -158,11 +184,29 @@ class ShardWorker:
             # Every sampling model's sequences of this shard, in order: the row order
             # the statistics read them in (artifacts.scan_samples).
             samples = pa.concat_tables(
-                read_input_part(self.task.samples_path(m, index), SEQUENCE_SCHEMA, fingerprint)
+                read_input_part(
+                    self.task.samples_path(m, index),
+                    Expected(
+                        "samples",
+                        fingerprint,
+                        index,
+                        keys=expected_keys(prompts["prompt_id"], task.sampling.num_samples, [m]),
+                    ),
+                )
                 for m, (_, fingerprint) in enumerate(task.sampling_models)
             )
             table = score_shard(self.llm, prompts, samples, task.engine.score_batch_size)
             content = "scores"
+        problem = keys_problem(table, task.output_keys(prompts["prompt_id"])) or sequence_problem(
+            table
+        )
+        if problem is not None:
+            raise PipelineError(
+                f"model {task.model!r} ({task.stage}, shard {index}): vLLM's output is "
+                f"{problem}; nothing was written. A NaN or infinite log-prob means the model "
+                "gives a sampled token probability 0 or computes NaN: check its weights and "
+                "engine.dtype."
+            )
         write_table(
             table,
             task.output_path(index),

@@ -416,6 +416,7 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("uncertainty_estimand", pa.string(), "prompt_set or population"),
     Key("uncertainty_method", pa.string(), "how the intervals were computed, in words"),
     Key("statistics_options", None, "the entropy, weights and uncertainty settings used"),
+    Key("run_id", pa.string(), "the run directory's id (manifest run_id), made once per run"),
     Key("config_hash", pa.string(), "hash of the run's resolved config"),
     Key("run_started_at", pa.string(), "UTC start time of the run"),
 )
