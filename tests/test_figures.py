@@ -112,7 +112,9 @@ def test_many_prompts_are_a_sorted_band_without_labels(tmp_path: Path) -> None:
 
 
 def test_mixture_sampling_and_two_candidates(tmp_path: Path) -> None:
-    figure, _, _ = _panels(tmp_path, prompts=3, models=("p0", "p1", "p2"), sampling=("p0", "p1"))
+    figure, _, per_prompt = _panels(
+        tmp_path, prompts=3, models=("p0", "p1", "p2"), sampling=("p0", "p1")
+    )
     weights, deltas = figure.axes
     assert weights.get_xlabel() == "log w = S(candidate) \N{MINUS SIGN} log q  (nats per sequence)"
     assert weights.get_title().endswith("the mixture of p0, p1")
@@ -120,5 +122,15 @@ def test_mixture_sampling_and_two_candidates(tmp_path: Path) -> None:
     assert [entry.split(":")[0] for entry in legend] == ["p1", "p2"]
     # Each candidate's histogram counts all its sequences: 3 prompts x 2 samplers x 4.
     assert [patch.get_data().values.sum() for patch in weights.patches[::2]] == [24, 24]
-    labels = [text.get_text() for text in deltas.get_legend().get_texts()]
-    assert sum(label.startswith("p2, all prompts") for label in labels) == 1
+    # One row per prompt, in the first candidate's order of delta H; candidate j of M
+    # is shifted by (j - (M - 1) / 2) min(0.6 / M, 0.25) = -+0.125 for M = 2.
+    order = per_prompt.filter(candidate="p1").sort("delta_H_nats")["prompt_id"].to_list()
+    for name, shift, bars in zip(["p1", "p2"], [-0.125, 0.125], deltas.containers, strict=True):
+        line = bars.lines[0]
+        expected = per_prompt.filter(candidate=name).select("prompt_id", "delta_H_nats").rows()
+        assert sorted(zip(line.get_ydata(), line.get_xdata(), strict=True)) == sorted(
+            (order.index(prompt) + shift, value) for prompt, value in expected
+        )
+    (legend,) = figure.legends  # the per-prompt panel's, under it
+    labels = [text.get_text() for text in legend.get_texts()]
+    assert [label.split(",")[0] for label in labels] == ["p1", "p2", "p1", "p2"]
