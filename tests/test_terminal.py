@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from pipeline.terminal import (
     run_scope,
 )
 from pipeline.worker import ShardDone
+from tests.conftest import DEFAULT_CONFIG
+from tests.test_figures import _png_size
 
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -207,3 +211,34 @@ def test_on_a_terminal_bars_replace_the_shard_lines(
     assert "KV cache size" not in shown
     # run.log has every line the bars stand for.
     assert "sample: shard 2/3 done" in (tmp_path / RUN_LOG).read_text()
+
+
+def test_a_run_logs_its_stages_and_the_libraries_lines(demo_run: Path) -> None:
+    logged = _lines(demo_run / RUN_LOG)
+    ours = [message for _, name, message in logged if name == LOGGER.name]
+    for stage in ("sample", "score/p0", "score/p1"):
+        assert any(message.startswith(f"{stage}: shard 1/") for message in ours), stage
+    assert any(name.startswith("vllm.") for _, name, _ in logged)  # vLLM's INFO lines too
+    assert logged[-1] == ("INFO", LOGGER.name, "run finished")
+
+
+@pytest.mark.engine
+def test_a_default_run_shows_no_third_party_output(tmp_path: Path) -> None:
+    """The command as a user runs it, stderr not a terminal: only the pipeline's lines."""
+    command = ["run", "--config", DEFAULT_CONFIG, "--out", tmp_path / "run", "prompts.limit=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", *command],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    ours = re.compile(
+        r"prompts: .*|entropy-pipeline: 2 prompts .*|(sample|score/p[01]): shard 1/1 done .*"
+        r"|stats: .*|summary\.json, report\.png, run\.log written to .*|"
+    )
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if not ours.fullmatch(line)] == []
+    assert len(lines) == 10  # 2 prompts, 1 start, 3 shards, 2 stats, blank, written
+    assert "\x1b[" not in result.stderr  # no colour or cursor movement off a terminal
+    assert _png_size(tmp_path / "run" / "report.png")[0] == 1500
