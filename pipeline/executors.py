@@ -91,6 +91,10 @@ class RayExecutor:
         """Map the shard indices through the actor pool; yield shards as they finish."""
         import ray
 
+        from pipeline.terminal import verbose
+
+        # The driver draws its own progress per shard; Ray Data's bars only with --verbose.
+        ray.data.DataContext.get_current().enable_progress_bars = verbose()
         execution = self.execution
         gpus = execution.num_gpus
         if task.engine.tensor_parallel_size > 1 and gpus < task.engine.tensor_parallel_size:

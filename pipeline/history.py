@@ -28,10 +28,9 @@ from pipeline.artifacts import (
     MANIFEST,
     SUMMARY_PARQUET,
     SUMMARY_SCHEMA,
-    _temporary_name,
     read_manifest,
 )
-from pipeline.errors import PipelineError, naming
+from pipeline.errors import PipelineError
 from pipeline.lock import check_not_locked
 
 _ESTIMATES = (("H0", "H(p0)"), ("H1", "H(p1)"), ("delta_H", "delta H"))
@@ -202,6 +201,8 @@ def plot_history(history: pl.DataFrame, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.figures import save_png
+
     units = history["unit"].unique(maintain_order=True).to_list()
     figure, axes = plt.subplots(
         len(_ESTIMATES), len(units), figsize=(6 * len(units), 8), squeeze=False, sharex=True
@@ -236,12 +237,7 @@ def plot_history(history: pl.DataFrame, path: Path) -> Path:
     figure.autofmt_xdate()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _temporary_name(path)
     try:
-        with naming(path):
-            figure.savefig(temporary, dpi=100, format="png")
-            temporary.replace(path)
+        return save_png(figure, path)
     finally:
         plt.close(figure)
-        temporary.unlink(missing_ok=True)
-    return path
