@@ -34,7 +34,11 @@ _DELTA_H = next(e for e in ESTIMATES if e.name == "delta_H")
 
 @dataclass(frozen=True)
 class SweepPoint:
-    """One eta of a sweep: the candidate's delta H with its interval (nats) and ESS / N."""
+    """One eta of a sweep: the candidate's delta H with its interval (nats), its weights.
+
+    ``reliable`` is false when the run warns about the candidate's importance weights:
+    Pareto k-hat above its threshold, or ESS / N below ``weights.min_ess_fraction``.
+    """
 
     candidate: str
     eta: float
@@ -43,6 +47,8 @@ class SweepPoint:
     delta_h_low: float | None
     delta_h_high: float | None
     ess_fraction: float | None
+    pareto_k: float | None
+    reliable: bool
 
 
 @dataclass(frozen=True)
@@ -63,9 +69,15 @@ class SweepSeries:
     slope_high: float | None
 
 
+def _reliable(estimates: dict[str, Any], min_ess_fraction: float) -> bool:
+    """False when the run warns about the weights (k-hat, or ESS / N; missing: no warning)."""
+    ess = estimates["ess_fraction"]
+    return not estimates["pareto_k_exceeded"] and not (ess is not None and ess < min_ess_fraction)
+
+
 def sweep_series(config: RunConfig, summary: dict[str, Any]) -> list[SweepSeries]:
     """The sweeps of a run: its interpolation candidates from the reference, by ``to``."""
-    reference = config.reference_model
+    reference, min_ess = config.reference_model, config.weights.min_ess_fraction
     groups: dict[str, list[tuple[str, Interpolation]]] = {}
     for name in config.candidates:
         model = config.models[name]
@@ -84,6 +96,8 @@ def sweep_series(config: RunConfig, summary: dict[str, Any]) -> list[SweepSeries
                     delta_h_low=estimates[name]["delta_H_low_nats"],
                     delta_h_high=estimates[name]["delta_H_high_nats"],
                     ess_fraction=estimates[name]["ess_fraction"],
+                    pareto_k=estimates[name]["pareto_k"],
+                    reliable=_reliable(estimates[name], min_ess),
                 )
                 for name, model in members
             ),
@@ -131,16 +145,18 @@ def format_sweeps(series: list[SweepSeries], unit: Unit) -> str:
             f"step-size sweep {sweep.start} -> {_end_label(sweep.end)} "
             f"(theta0 + eta (theta1 - theta0)); {line}",
             f"  {'eta':>6}  {'delta H':>9}  {'± SE':>7}  {'eta x dH1':>9}  "
-            f"{'difference':>10}  {'ESS/N':>5}   ({value_unit})",
+            f"{'difference':>10}  {'ESS/N':>5}  {'k-hat':>5}   ({value_unit})",
         ]
         for point in sweep.points:
             linear = None if sweep.slope is None else point.eta * sweep.slope
             difference = None if linear is None else point.delta_h - linear
             se = "n/a" if point.delta_h_se is None else f"{point.delta_h_se:.4f}"
             ess = "n/a" if point.ess_fraction is None else f"{point.ess_fraction:.2f}"
+            k_hat = "n/a" if point.pareto_k is None else f"{point.pareto_k:.2f}"
             rows.append(
                 f"  {point.eta:>6g}  {_number(point.delta_h):>9}  {se:>7}  "
-                f"{_number(linear):>9}  {_number(difference):>10}  {ess:>5}"
+                f"{_number(linear):>9}  {_number(difference):>10}  {ess:>5}  {k_hat:>5}"
+                + ("" if point.reliable else "   unreliable weights (see the warnings)")
             )
         blocks.append("\n".join(rows))
     return "\n\n".join(blocks)
@@ -158,7 +174,8 @@ def plot_sweeps(
 
     Top: delta H(eta) with its ``level`` intervals, the reference at (0, 0) and the
     line eta x dH1 with the band eta x [dH1 low, dH1 high]. Bottom: ESS / N of each
-    point (raw weights) and the ``min_ess_fraction`` below which the run warns.
+    point (raw weights) and the ``min_ess_fraction`` below which the run warns. Points
+    whose weights the run warns about are drawn hollow.
     """
     import matplotlib
 
@@ -199,16 +216,31 @@ def plot_sweeps(
                     linewidth=0,
                     label=rf"$\eta \times$ {level:.0%} interval of $\delta H_1$",
                 )
-        top.errorbar(
-            etas,
-            values,
-            yerr=np.vstack([values - low, high - values]),
-            fmt="o",
-            color=colour,
-            capsize=4,
-            label=rf"{name}$\Delta H(\eta)$, {level:.0%} interval",
-        )
-        bottom.plot(etas, [p.ess_fraction for p in sweep.points], "o-", color=colour)
+        reliable = np.array([p.reliable for p in sweep.points])
+        for shown, hollow, label in (
+            (reliable, False, rf"{name}$\Delta H(\eta)$, {level:.0%} interval"),
+            (~reliable, True, f"{name}unreliable weights (Pareto k or ESS warning)"),
+        ):
+            if shown.any():
+                top.errorbar(
+                    etas[shown],
+                    values[shown],
+                    yerr=np.vstack([values - low, high - values])[:, shown],
+                    fmt="o",
+                    color=colour,
+                    markerfacecolor="white" if hollow else colour,
+                    capsize=4,
+                    label=label,
+                )
+        bottom.plot(etas, [p.ess_fraction for p in sweep.points], "-", color=colour)
+        for shown, hollow in ((reliable, False), (~reliable, True)):
+            bottom.plot(
+                etas[shown],
+                [p.ess_fraction for p, keep in zip(sweep.points, shown, strict=True) if keep],
+                "o",
+                color=colour,
+                markerfacecolor="white" if hollow else colour,
+            )
     etas = sorted({0.0, *(p.eta for sweep in series for p in sweep.points)})
     bottom.set_xticks(etas, [f"{eta:g}" for eta in etas])
     bottom.axhline(

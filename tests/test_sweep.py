@@ -15,18 +15,22 @@ from tests.conftest import ROOT
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _config(tmp_path: Path, models: str) -> RunConfig:
+def _config(tmp_path: Path, models: str, overrides: tuple[str, ...] = ()) -> RunConfig:
     path = tmp_path / "run.yaml"
     path.write_text(
         f"prompts:\n  path: {ROOT / 'data' / 'prompts.jsonl'}\nmodels:\n  p0: {{path: m0}}\n"
         + textwrap.indent(textwrap.dedent(models), "  ")
     )
-    return load_config(path)
+    return load_config(path, list(overrides))
 
 
-def _estimates(delta_h: float, delta_h1: float, ess_fraction: float) -> dict[str, Any]:
+def _estimates(
+    delta_h: float, delta_h1: float, ess_fraction: float, pareto_k: float = 0.25
+) -> dict[str, Any]:
     """A candidate's summary entry: SE 0.1, intervals +-0.2, for both estimates."""
     return {
+        "pareto_k": pareto_k,
+        "pareto_k_exceeded": pareto_k > 0.7,
         "delta_H_nats": delta_h,
         "delta_H_se_nats": 0.1,
         "delta_H_low_nats": delta_h - 0.2,
@@ -52,7 +56,7 @@ def test_a_sweep_is_drawn_against_the_first_order_term_at_eta_1(tmp_path: Path) 
     )
     summary = _summary(
         {
-            "s@eta=2": _estimates(-1.5, -0.9, 0.35),
+            "s@eta=2": _estimates(-1.5, -0.9, 0.35, pareto_k=0.81),
             "s@eta=0.5": _estimates(-0.25, -0.21, 0.94),
             "s@eta=1": _estimates(-0.6, -0.45, 0.75),
             "elsewhere": _estimates(9.0, 9.0, 1.0),
@@ -68,11 +72,13 @@ def test_a_sweep_is_drawn_against_the_first_order_term_at_eta_1(tmp_path: Path) 
     assert format_sweeps([series], "sequence").splitlines() == [
         "step-size sweep p0 -> m1 (theta0 + eta (theta1 - theta0)); first-order line eta x "
         "dH1, dH1 = -0.4500 [-0.6500, -0.2500] nats/seq (of s@eta=1)",
-        "     eta    delta H     ± SE  eta x dH1  difference  ESS/N   (nats/seq)",
-        "     0.5    -0.2500   0.1000    -0.2250     -0.0250   0.94",
-        "       1    -0.6000   0.1000    -0.4500     -0.1500   0.75",
-        "       2    -1.5000   0.1000    -0.9000     -0.6000   0.35",
+        "     eta    delta H     ± SE  eta x dH1  difference  ESS/N  k-hat   (nats/seq)",
+        "     0.5    -0.2500   0.1000    -0.2250     -0.0250   0.94   0.25",
+        "       1    -0.6000   0.1000    -0.4500     -0.1500   0.75   0.25",
+        "       2    -1.5000   0.1000    -0.9000     -0.6000   0.35   0.81"
+        "   unreliable weights (see the warnings)",
     ]
+    assert [p.reliable for p in series.points] == [True, True, False]
 
     table = write_sweep(tmp_path, config, summary)
     assert table == format_sweeps([series], "sequence")
@@ -98,10 +104,22 @@ def test_without_eta_1_the_line_comes_from_the_to_model_if_it_is_a_candidate(
     if slope_candidate is None:
         assert series.slope is None
         assert "no first-order line" in table
-        assert "     0.5    -0.2500   0.1000        n/a         n/a   0.94" in table
+        assert "     0.5    -0.2500   0.1000        n/a         n/a   0.94   0.25" in table
     else:
         assert series.slope == -0.45
     assert (tmp_path / SWEEP_FIGURE).is_file()
+
+
+def test_a_point_below_the_ess_threshold_is_unreliable(tmp_path: Path) -> None:
+    config = _config(tmp_path, "s: {from: p0, to: m1, etas: [1]}\n")
+    summary = _summary({"s@eta=1": _estimates(-0.6, -0.45, 0.09)})
+    ((point,),) = [series.points for series in sweep_series(config, summary)]
+    assert not point.reliable  # weights.min_ess_fraction is 0.1
+    config = _config(
+        tmp_path, "s: {from: p0, to: m1, etas: [1]}\n", ("weights.min_ess_fraction=0.05",)
+    )
+    ((point,),) = [series.points for series in sweep_series(config, summary)]
+    assert point.reliable
 
 
 def test_a_run_without_interpolations_draws_no_sweep(tmp_path: Path) -> None:
