@@ -20,6 +20,9 @@ import pytest
 
 from tests import exact
 
+# About 20 s, most of it scoring the four models; nothing here runs pipeline code.
+pytestmark = pytest.mark.slow
+
 PAIRS = {"near": ("enum-p0", "enum-p1"), "far": ("enum-far-p0", "enum-far-p1")}
 SETTINGS = [(estimand, eos) for estimand in exact.ESTIMANDS for eos in (True, False)]
 STEP = 1e-4  # central-difference step: truncation ~1e-8 relative, rounding ~1e-12
