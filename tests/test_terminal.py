@@ -38,6 +38,11 @@ TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 def fresh_terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A terminal state of its own; the root logger and environment restored after."""
     root = logging.getLogger()
+    # An earlier test's command left its console handler on the root logger: off
+    # during this test, or every line would be written twice.
+    earlier = terminal._state.handler
+    if earlier is not None:
+        root.removeHandler(earlier)
     level, handlers = root.level, list(root.handlers)
     monkeypatch.setattr(terminal, "_state", terminal._State())
     monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
@@ -45,6 +50,8 @@ def fresh_terminal(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     root.setLevel(level)
+    if earlier is not None:
+        root.addHandler(earlier)
 
 
 class _Terminal(io.StringIO):
