@@ -15,6 +15,7 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.config import STATS_SECTIONS
 from pipeline.errors import PipelineError, environment_problem
+from pipeline.resources import shipped_config_names
 from pipeline.terminal import configure as configure_terminal
 
 _EPILOG_RUN = """examples:
@@ -70,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG_RUN + _settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    others = [name for name in shipped_config_names() if name != "default"]
     config_help = (
         "YAML config file, or the name of a shipped config: default (the embedded "
-        "demo, used when --config is left out), gpu, enumerable"
+        f"demo, used when --config is left out), {', '.join(others)}"
     )
     run.add_argument("--config", type=_config_file, default=None, help=config_help)
     run.add_argument(
