@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any
 from pipeline.cache import cached_folder
 from pipeline.config import Interpolation, LoraAdapter, ModelConfig, ModelFolder, RunConfig
 from pipeline.errors import PipelineError
+from pipeline.identity import content_hash
 from pipeline.lora import adapter_base, is_adapter, merge_adapter
 from pipeline.models import (
     check_shared_tokenizer,
     load_tokenizer,
-    model_content_hash,
     require_model_dir,
 )
 from pipeline.terminal import LOGGER
@@ -178,7 +178,8 @@ class _Materialiser:
     def content_hash(self, folder: Path) -> str:
         folder = folder.resolve()
         if folder not in self._hashes:
-            self._hashes[folder] = model_content_hash(folder)
+            # Cached while no file of the folder changes: a resume does not rehash.
+            self._hashes[folder] = content_hash(folder)
         return self._hashes[folder]
 
     def model(self, name: str) -> Candidate:

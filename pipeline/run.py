@@ -14,12 +14,18 @@ Stages 2 and 3 are run shard by shard by an executor (``pipeline.executors``: in
 process, or a pool of Ray actors), each shard by a worker that reads its inputs from
 files and writes its part atomically, stamped with the fingerprint of the stage's
 inputs (``provenance``). Running the same command on the same run directory again
-resumes: shards that are complete and valid are kept, missing or damaged ones are
-redone, and because sampling seeds derive from prompt ids the result is identical to
-an uninterrupted run, on either backend. A run directory belongs to one set of
-inputs: resuming with a different config, model or library version is refused with
-what differs, unless ``force`` starts the affected stages over. A model whose scores
-are all valid is not even loaded.
+resumes: shards that are valid (``pipeline.verify``: checksums, fingerprint, planned
+keys, sums) are kept, the others are redone, and because sampling seeds derive from
+prompt ids the result is identical to an uninterrupted run, on either backend. A run
+directory belongs to one set of inputs: resuming with a different config, model or
+library version is refused with what differs, unless ``force`` starts the affected
+stages over. A model whose scores are all valid is not even loaded; a model whose
+folder changed since it was hashed is refused before its engine loads.
+
+Everything from reconciling to the finished manifest runs under the directory's lock
+(``pipeline.lock``), and so does ``run_stats``. The statistics are removed before
+anything else is written and rewritten last, after every part has been verified
+against the manifest, and the manifest says complete only after them.
 """
 
 from __future__ import annotations
@@ -177,6 +183,10 @@ def _is_new(run_dir: Path) -> bool:
     Anything else must be a run directory (a manifest beside it) to resume: a folder
     of the user's is never written into.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PipelineError(
+            f"{run_dir} is a file; --out names a run directory (a new folder, or a run to resume)."
+        )
     if not run_dir.exists() or not any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         return True
     if not (run_dir / MANIFEST).is_file():

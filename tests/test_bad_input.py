@@ -287,3 +287,60 @@ def test_a_damaged_manifest_is_one_line(
         "It is written atomically, so something else changed it; restore it from a backup "
         "or start a new run directory."
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "sampling.stop_token_ids=[999999]",
+            "sampling.stop_token_ids: 999999 is not a token id of model 'p0', whose "
+            "vocabulary has ids 0 ... 511.",
+        ),
+        ("seed=4294967296", "seed=4294967296 is above 4294967295: vLLM seeds its engines"),
+        (
+            "engine.max_model_len=100000",
+            "engine.max_model_len=100000 is above the context of model 'p0' (256 tokens",
+        ),
+        # Derived from the prompts (longest + max_tokens + 1): found with the prompts.
+        (
+            "engine.kv_cache_memory_bytes=500000",
+            "engine.kv_cache_memory_bytes=500000 cannot hold one sequence of ",
+        ),
+        (
+            "engine.kv_cache_memory_bytes=786431 engine.max_model_len=256",
+            "engine.kv_cache_memory_bytes=786431 cannot hold one sequence of 256 tokens "
+            "(engine.max_model_len) of model 'p0': vLLM needs 786432 bytes on cpu",
+        ),
+    ],
+)
+def test_settings_vllm_would_refuse_late_are_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    err = _fails_cleanly(capsys, tmp_path / "run", *override.split())
+    assert err.splitlines()[-1].startswith(f"entropy-pipeline: error: {message}")
+
+
+def test_a_non_finite_log_prob_from_vllm_is_refused_where_it_enters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A candidate with a NaN weight scores NaN: refused naming model, prompt and sample."""
+    from safetensors.numpy import load_file, save_file
+
+    broken = tmp_path / "nan-p1"
+    shutil.copytree(TINY_P1, broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.norm.weight"][:] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    run_dir = tmp_path / "run"
+    args = ["prompts.limit=2", "sampling.num_samples=2", f"models.p1.path={broken}"]
+    assert run_cli("run", "--config", DEFAULT_CONFIG, "--out", run_dir, *args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "entropy-pipeline: error: model 'p1' (score/p1, shard 0): vLLM's output is holding a "
+        "non-finite token log-prob (nan; prompt 'story-000', sample_idx 0, token 0); nothing "
+        "was written. A NaN or infinite log-prob means the model gives a sampled token "
+        "probability 0 or computes NaN: check its weights and engine.dtype."
+    )
+    assert not list(run_dir.glob("scores/p1/*"))
+    assert not (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"

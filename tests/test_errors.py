@@ -6,9 +6,13 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+import pipeline.artifacts
 import pipeline.history
+from pipeline.artifacts import write_table
+from pipeline.errors import environment_problem
 from tests.conftest import run_cli
 
 
@@ -92,3 +96,25 @@ def test_an_environment_error_is_one_line_with_status_1(
     monkeypatch.setattr(pipeline.history, "gather_history", _raising(error))
     assert run_cli("history", tmp_path) == 1
     assert _error_lines(capsys) == [f"entropy-pipeline: error: {line}"]
+
+
+def test_a_table_write_that_fails_names_its_file_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow's errors name no file; the one-line report must."""
+
+    def full_disk(table: pa.Table, where: Path, **_: object) -> None:
+        Path(where).write_bytes(b"PAR1 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.artifacts.pq, "write_table", full_disk)
+    path = tmp_path / "scores" / "p1" / "part-00000.parquet"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        write_table(pa.table({"n": [1]}), path, {"content": "scores"})
+    assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(path))
+    assert list(path.parent.iterdir()) == []
+    assert str(environment_problem(caught.value)) == (
+        f"No space left on device (ENOSPC): {path}. Free some space (or choose a folder on "
+        "another disk) and run the command again; an interrupted run resumes where it stopped."
+    )
+    assert environment_problem(caught.value).exit_status == 1
