@@ -260,7 +260,7 @@ class SamplingConfig(_Closed):
     """How completions are drawn from the reference model.
 
     Every setting that would make the sampling distribution differ from the raw model
-    distribution that teacher forcing scores is refused (DESIGN.md §4); they exist as
+    distribution that teacher forcing scores is refused (docs/design.md §4); they exist as
     fields so that a config asking for them gets an explanation, not "unknown key".
     """
 

@@ -236,7 +236,7 @@ def first_order(
     include_eos: bool,
     eos_term: bool = True,
 ) -> float:
-    """The first-order term dH1 of DESIGN.md §2, evaluated exactly under p0 (nats).
+    """The first-order term dH1 of docs/design.md §2, evaluated exactly under p0 (nats).
 
     With d = S1 - S0 (full), e = d - (S'1 - S'0), h0 = H(p0) per token, Cov and E under
     p0 per prompt:

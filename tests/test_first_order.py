@@ -1,4 +1,4 @@
-"""The first-order terms of DESIGN.md §2 against the true slope, on exact values.
+"""The first-order terms of docs/design.md §2 against the true slope, on exact values.
 
 Along the path p_eps proportional to p0^(1-eps) p1^eps, dH1 must be the slope of
 dH(eps) = H(p_eps) - H(p0) at eps = 0. The slope comes from central differences of
