@@ -162,7 +162,12 @@ def _phase(run_dir: Path) -> tuple[str, int, int] | None:
         folder = run_dir / "scores" / phase.removeprefix("score/")
     else:
         return phase, 0, 0
-    return phase, content.get("shards", 0), len(list(folder.glob("part-*.parquet")))
+    return phase, _shard_count(content), len(list(folder.glob("part-*.parquet")))
+
+
+def _shard_count(manifest: dict[str, Any]) -> int:
+    """Shards of the run: the prompts stage records each shard's size once it is done."""
+    return len(manifest.get("stages", {}).get("prompts", {}).get("shard_sizes", []))
 
 
 # Seconds since start, phase, shards in the run, shards of the phase done, RSS bytes.
@@ -271,7 +276,7 @@ def read_run(run_dir: Path, m: RunMeasurement) -> None:
     manifest = json.loads((run_dir / "manifest.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     m.stage_seconds = {k: v["seconds"] for k, v in manifest.get("stages", {}).items()}
-    m.shards = manifest.get("shards", 0)
+    m.shards = _shard_count(manifest)
     m.sequences = summary["num_sequences"]
     m.tokens = round(summary["avg_gen_length"] * summary["num_sequences"])
     m.disk_bytes = _folder_bytes(run_dir)

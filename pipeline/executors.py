@@ -23,6 +23,7 @@ on the machine).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -31,10 +32,13 @@ import numpy as np
 
 from pipeline.config import ExecutionConfig
 from pipeline.errors import PipelineError
+from pipeline.terminal import LOGGER
 from pipeline.worker import ShardDone, ShardWorker, StageTask
 
 # Logical CPUs left free beside the engine actors on a Ray instance started here.
 _SPARE_CPUS = 2
+# How long a finished stage's actors may take to give their resources back.
+_RELEASE_TIMEOUT_S = 120.0
 
 
 class Executor(Protocol):
@@ -103,6 +107,7 @@ class RayExecutor:
                 f"{task.engine.tensor_parallel_size}: a replica must hold all the GPUs of "
                 "its engine."
             )
+        free_before = _free_engine_resources()
         dataset = ray.data.from_items([{"shard": index} for index in shards]).map_batches(
             _RayShardMapper,
             fn_constructor_args=(task,),
@@ -117,6 +122,7 @@ class RayExecutor:
         )
         for row in dataset.iter_rows():
             yield ShardDone(int(row["shard"]), int(row["rows"]), float(row["seconds"]))
+        _wait_for_release(free_before, task.stage)
 
     def description(self) -> dict[str, Any]:
         """Backend, Ray version, cluster size and the pool settings."""
@@ -128,6 +134,32 @@ class RayExecutor:
             "nodes": len([node for node in ray.nodes() if node.get("Alive")]),
             **self.execution.model_dump(mode="json", exclude={"backend"}),
         }
+
+
+def _free_engine_resources() -> dict[str, float]:
+    import ray
+
+    free = ray.available_resources()
+    return {key: free.get(key, 0.0) for key in ("CPU", "GPU")}
+
+
+def _wait_for_release(free_before: dict[str, float], stage: str) -> None:
+    """Wait until the stage's actors have given their CPUs and GPUs back.
+
+    Ray tears a finished pool's actors down asynchronously: without this wait the
+    next stage's engine loaded while the last one (about 0.9 GiB on CPU; a whole GPU's
+    memory on CUDA) was still alive.
+    """
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        free = _free_engine_resources()
+        if all(free[key] >= value for key, value in free_before.items()):
+            return
+        time.sleep(0.5)
+    LOGGER.warning(
+        f"{stage}: Ray has not released the stage's engine actors after "
+        f"{_RELEASE_TIMEOUT_S:.0f} s; the next stage starts beside them."
+    )
 
 
 @contextmanager
