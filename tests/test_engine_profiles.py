@@ -83,5 +83,13 @@ def test_a_shard_goes_to_vllm_in_one_call_on_cuda(device: str, calls: list[int])
     # CPU: a step holds 4096 tokens = 32 prompts of 16 tokens x 8 samples.
     profile = resolve_profile(EngineConfig(), device, longest_prompt=16, num_samples=8)  # type: ignore[arg-type]
     engine = _RecordingEngine()
-    sample_shard(engine, prompts, SamplingConfig(num_samples=8), frozenset({2}), profile)  # type: ignore[arg-type]
+    sample_shard(
+        engine,  # type: ignore[arg-type]
+        prompts,
+        SamplingConfig(num_samples=8),
+        frozenset({2}),
+        profile,
+        first_sample_idx=0,
+        seeds=list(range(64)),
+    )
     assert engine.calls == calls
