@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from pipeline.artifacts import _temporary_name
+from pipeline.artifacts import PER_PROMPT_PARQUET, _temporary_name
 from pipeline.config import RunConfig
 from pipeline.errors import naming
-from pipeline.stats.summary import PER_PROMPT_PARQUET, paired_frame
+from pipeline.stats.summary import paired_frame
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -31,6 +31,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.artifacts import (
+    PER_PROMPT_PARQUET,
     SEQUENCE_SCHEMA,
     SUMMARY,
     SUMMARY_PARQUET,
@@ -76,7 +77,6 @@ from pipeline.stats.weights import (
 )
 
 KEYS = ["prompt_id", "sample_idx"]
-PER_PROMPT_PARQUET = "per_prompt.parquet"
 # Prompts listed in the summary (and the report) by |delta H| / SE.
 TOP_PROMPTS = 5
 
