@@ -196,3 +196,29 @@ def write_report(path: Path, lines: list[str]) -> None:
             notes = existing[existing.index(f"\n{NOTES_HEADING}") + 1 :]
     text = "\n".join(lines)
     path.write_text(text + ("\n" + notes if notes else ""))
+
+
+def machine_and_versions(context: dict[str, Any], load_note: str) -> list[str]:
+    """The "Machine" and "Versions" sections of a results file, from ``machine_context``.
+
+    ``load_note`` follows the load averages: what the load means for these timings.
+    """
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {context['cpu']}, {context['cores']} cores (os.cpu_count), no GPU",
+        f"- memory: {context['memory_gib']:.1f} GiB",
+        f"- OS: {context['os']}",
+        "- load average (1, 5, 15 min) before: "
+        + ", ".join(f"{x:.2f}" for x in context["load_before"])
+        + "; after: "
+        + ", ".join(f"{x:.2f}" for x in context["load_after"])
+        + f". {load_note}",
+        "",
+        "## Versions",
+        "",
+        f"- entropy-pipeline source: {context['revision_before']} at the start, "
+        f"{context['revision_after']} at the end",
+        *(f"- {k} {v}" for k, v in context["versions"].items()),
+        "",
+    ]

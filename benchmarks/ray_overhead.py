@@ -58,6 +58,7 @@ from _common import (
     ROOT,
     argument_parser,
     entropy_pipeline_executable,
+    machine_and_versions,
     machine_context,
     measure,
     pipeline_revision,
@@ -374,24 +375,11 @@ def write_results(
         "by name (ended by the script). same bytes: every Parquet part (data and metadata) "
         "equals the first local run's.",
         "",
-        "## Machine",
-        "",
-        f"- CPU: {context['cpu']}, {context['cores']} cores (os.cpu_count), no GPU",
-        f"- memory: {context['memory_gib']:.1f} GiB",
-        f"- OS: {context['os']}",
-        "- load average (1, 5, 15 min) before: "
-        + ", ".join(f"{x:.2f}" for x in context["load_before"])
-        + "; after: "
-        + ", ".join(f"{x:.2f}" for x in context["load_after"])
-        + ". The machine is shared with other developers running tests at the same "
-        "time: timings are noisy, hence medians of interleaved runs.",
-        "",
-        "## Versions",
-        "",
-        f"- entropy-pipeline source: {context['revision_before']} at the start, "
-        f"{context['revision_after']} at the end",
-        *(f"- {k} {v}" for k, v in context["versions"].items()),
-        "",
+        *machine_and_versions(
+            context,
+            "The machine is shared with other developers running tests"
+            " at the same time: timings are noisy, hence medians of interleaved runs.",
+        ),
     ]
     write_report(path, lines)
 
