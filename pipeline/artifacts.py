@@ -26,6 +26,8 @@ import os
 import platform
 import re
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,54 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def _with_metadata(schema: pa.Schema, metadata_fields: dict[str, str]) -> pa.Schema:
+    version = schema_version(schema)
+    fields = {"schema_version": str(version)} if version is not None else {}
+    fields.update(metadata_fields)
+    return schema.with_metadata({k.encode(): v.encode() for k, v in fields.items()})
+
+
+# Rows a ``table_writer`` gathers into one row group: the writer keeps every row
+# group's metadata until it closes, so one row group per small batch would grow it.
+ROW_GROUP_ROWS = 65_536
+
+
+@contextmanager
+def table_writer(
+    path: Path, schema: pa.Schema, metadata_fields: dict[str, str]
+) -> Iterator[Callable[[pa.Table], None]]:
+    """Write a Parquet file batch by batch, atomically: yields ``write(table)``.
+
+    The file appears at ``path`` only when the block ends without an error, with the
+    metadata and page checksums of ``write_table``. Batches are gathered into row
+    groups of ``ROW_GROUP_ROWS`` rows, so a table larger than memory can be written a
+    piece at a time.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = _with_metadata(schema, metadata_fields)
+    temporary = _temporary_name(path)
+    pending: list[pa.Table] = []
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        writer.write_table(pa.concat_tables(pending).cast(schema), row_group_size=ROW_GROUP_ROWS)
+        pending.clear()
+
+    def write(writer: pq.ParquetWriter, table: pa.Table) -> None:
+        pending.append(table)
+        if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+            flush(writer)
+
+    try:
+        with naming(path):
+            with pq.ParquetWriter(temporary, schema, write_page_checksum=True) as writer:
+                yield lambda table: write(writer, table)
+                if pending:
+                    flush(writer)
+            _replace_durably(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_table(table: pa.Table, path: Path, metadata_fields: dict[str, str]) -> Path:
     """Write ``table`` to ``path`` atomically, with metadata and page checksums.
 
@@ -211,18 +261,8 @@ def write_table(table: pa.Table, path: Path, metadata_fields: dict[str, str]) ->
     Every page carries a CRC-32 (``write_page_checksum``), so a flipped bit is found
     by a reader that verifies them (``pipeline.verify``).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    version = schema_version(table.schema)
-    fields = {"schema_version": str(version)} if version is not None else {}
-    fields.update(metadata_fields)
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in fields.items()})
-    temporary = _temporary_name(path)
-    try:
-        with naming(path):
-            pq.write_table(table, temporary, write_page_checksum=True)
-            _replace_durably(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with table_writer(path, table.schema, metadata_fields) as write:
+        write(table)
     return path
 
 

@@ -70,18 +70,22 @@ def write_run(
     prompts: int,
     per_model: int,
     seed: int = 11,
+    shards: int = 2,
 ) -> Path:
-    """Write the samples and scores (two shards of whole prompts) of a synthetic run.
+    """Write the samples and scores (``shards`` shards of whole prompts) of a synthetic run.
 
-    The run's layout: the first sampling model's samples in samples/, a further one's
-    in samples/<model>/; each model's score part holds, in order, the shard's rows of
-    the first sampling model, then the next one's.
+    Shard k holds prompts prompts k / shards .. prompts (k + 1) / shards - 1 (rounded
+    down). The run's layout: the first sampling model's samples in samples/, a further
+    one's in samples/<model>/; each model's score part holds, in order, the shard's rows
+    of the first sampling model, then the next one's. The sequences do not depend on
+    ``shards``.
     """
     samples, scores = _tables(models, sampling, prompts, per_model, seed)
-    first_half = {f"prompt-{q:02d}" for q in range(prompts // 2)}
-    for index in (0, 1):
+    bounds = [prompts * k // shards for k in range(1, shards)]
+    shard_of = {f"prompt-{q:02d}": sum(q >= b for b in bounds) for q in range(prompts)}
+    for index in range(shards):
         stamp = {"content": "synthetic"}
-        in_shard = [(r["prompt_id"] in first_half) == (index == 0) for r in samples]
+        in_shard = [shard_of[r["prompt_id"]] == index for r in samples]
         ordered = []  # row numbers in the score parts' order
         for m, sampler in enumerate(sampling):
             rows = [

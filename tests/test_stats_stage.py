@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -172,3 +173,37 @@ def test_population_estimand_bootstraps_prompts_and_warns_when_they_are_few(
     summary = compute_summary(run_dir, config)
     assert math.isnan(summary["delta_H_se_nats"])
     assert any("no standard error can be estimated" in w for w in summary["warnings"])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["weights.mode=none"],
+        ["weights.mode=clip", "entropy.unit=sequence"],
+        ["weights.mode=psis", "entropy.include_eos=false"],
+        ["sampling.models=[p0, p1]", "weights.mode=psis"],
+    ],
+)
+def test_the_summary_does_not_depend_on_the_shard_layout(
+    tmp_path: Path, overrides: list[str]
+) -> None:
+    """The statistics are reduced shard by shard: the same sequences cut into one shard
+    or into seven (some of one prompt) give the same figures and per-prompt rows."""
+    sampling = ["p0", "p1"] if "sampling.models=[p0, p1]" in overrides else ["p0"]
+    config = _config("sampling.num_samples=4", *overrides)
+    found = {}
+    for shards in (1, 7):
+        run_dir = write_run(tmp_path / str(shards), ["p0", "p1"], sampling, 12, 4, shards=shards)
+        summary = compute_summary(run_dir, config)
+        rows = pl.read_parquet(run_dir / PER_PROMPT_PARQUET).sort("prompt_id")
+        found[shards] = summary["candidates"]["p1"], rows
+    (one, one_rows), (seven, seven_rows) = found[1], found[7]
+    assert one["weights_mode"] == config.weights.mode
+    if config.weights.mode == "psis":
+        assert one["pareto_k"] is not None
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert seven[key] == pytest.approx(value, rel=1e-12, abs=1e-14), key
+        else:
+            assert seven[key] == value, key
+    assert seven_rows.equals(one_rows)

@@ -9,10 +9,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.stats.estimators import prepare, prompt_sums
-from pipeline.stats.registry import ESTIMATES, UNITS
+from pipeline.stats.estimators import means_from_totals, prepare, prompt_sums
+from pipeline.stats.registry import ESTIMATES, UNITS, atoms_needed
 from pipeline.stats.uncertainty import (
     INTERVAL_ESTIMATES,
+    ClusterBootstrap,
     cluster_bootstrap,
     estimates_from_means,
     influence_values,
@@ -20,7 +21,9 @@ from pipeline.stats.uncertainty import (
     linearise,
     per_prompt_errors,
     prompt_set_errors,
+    prompt_set_standard_errors,
     stratum_dispersion,
+    stratum_scatter,
     wald_intervals,
 )
 
@@ -167,7 +170,7 @@ def test_one_completion_per_prompt_gives_null_errors_and_a_warning() -> None:
     seqs = prepare(_frame(30, 1))
     errors = prompt_set_errors(seqs, prompt_sums(seqs), "sequence")
     assert all(math.isnan(se) for se in errors.values())
-    (warning,) = interval_warnings(seqs, "prompt_set")
+    (warning,) = interval_warnings(seqs.shape, "prompt_set")
     assert "single completion" in warning
     assert "num_samples >= 2" in warning
 
@@ -178,15 +181,15 @@ def test_two_completions_per_prompt_leave_only_the_jackknife_undefined() -> None
     assert math.isnan(errors["delta_H1"])
     assert math.isnan(errors["delta_H1_rate"])
     assert all(math.isfinite(errors[n]) for n in ("H0", "H1", "delta_H", "kl", "H0_rate"))
-    (warning,) = interval_warnings(seqs, "prompt_set")
+    (warning,) = interval_warnings(seqs.shape, "prompt_set")
     assert "jackknife" in warning
 
 
 def test_population_intervals_need_prompts() -> None:
-    assert "no standard error" in interval_warnings(prepare(_frame(1, 8)), "population")[0]
-    assert "unreliable" in interval_warnings(prepare(_frame(5, 8)), "population")[0]
-    assert interval_warnings(prepare(_frame(20, 8)), "population") == []
-    assert interval_warnings(prepare(_frame(20, 8)), "prompt_set") == []
+    assert "no standard error" in interval_warnings(prepare(_frame(1, 8)).shape, "population")[0]
+    assert "unreliable" in interval_warnings(prepare(_frame(5, 8)).shape, "population")[0]
+    assert interval_warnings(prepare(_frame(20, 8)).shape, "population") == []
+    assert interval_warnings(prepare(_frame(20, 8)).shape, "prompt_set") == []
 
 
 def test_bootstrap_is_reproducible_and_brackets_the_estimate() -> None:
@@ -200,3 +203,43 @@ def test_bootstrap_is_reproducible_and_brackets_the_estimate() -> None:
     # Between-prompt spread dominates here, so the population SE exceeds the prompt-set SE.
     seqs = prepare(frame)
     assert a["H0"]["se"] > prompt_set_errors(seqs, sums, "per_token")["H0"]
+
+
+def test_prompt_set_errors_add_up_shard_by_shard() -> None:
+    """Totals and scatter matrices of shards (each prepared on the run's weight shift)
+    give the errors of the whole run: V = g' C g / N^2 with C summed over shards."""
+    frame = _frame(12, 5, seed=4, eos=False)
+    for unit in ("sequence", "per_token"):
+        whole = prepare(frame)
+        expected = prompt_set_errors(whole, prompt_sums(whole), unit)
+        run_max = {"w0": 0.0, "w1": float(frame["d"].max())}
+        names = atoms_needed(INTERVAL_ESTIMATES)
+        totals, scatter = np.zeros(len(names)), np.zeros((len(names), len(names)))
+        for rows in (slice(0, 5), slice(5, 35), slice(35, 60)):
+            shard = prepare(frame[rows], run_max)
+            totals += prompt_sums(shard, names).run_totals()
+            scatter += stratum_scatter(shard, names)
+        means = means_from_totals(names, totals)
+        found = prompt_set_standard_errors(scatter, names, means, 60, unit)
+        assert found == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_bootstrap_fed_shard_by_shard_draws_q_prompts_per_replicate() -> None:
+    frame = _frame(30, 4, seed=6)
+    whole = prompt_sums(prepare(frame))
+    run_max = {"w0": 0.0, "w1": float(frame["d"].max())}
+    sizes = [7, 1, 22]
+    bootstrap = ClusterBootstrap(sizes, "sequence", 4000, 3)
+    assert (bootstrap._draws.sum(axis=1) == 30).all()
+    start = 0
+    for shard, size in enumerate(sizes):
+        rows = slice(start * 4, (start + size) * 4)
+        bootstrap.add(shard, prompt_sums(prepare(frame[rows], run_max)))
+        start += size
+    # Every replicate resampled 30 prompts of 4 sequences.
+    assert (bootstrap._totals[:, 0] == 120).all()
+    sharded = bootstrap.intervals(0.9)
+    # The same distribution as drawing from all prompts at once.
+    in_memory = cluster_bootstrap(whole, "sequence", 4000, 3, 0.9)
+    for name in ("H0", "H1", "delta_H"):
+        assert sharded[name]["se"] == pytest.approx(in_memory[name]["se"], rel=0.1), name

@@ -3,6 +3,7 @@ modes, and the diagnostics (raw ESS, per-prompt ESS, mean-weight test)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -11,8 +12,11 @@ import pytest
 
 from pipeline.stats.estimators import prepare
 from pipeline.stats.weights import (
+    LogWeightScan,
     effective_sample_size,
+    fit_stabiliser,
     pareto_k_threshold,
+    psis_tail_size,
     stabilise_log_weights,
     weight_diagnostics,
     weight_warnings,
@@ -153,3 +157,33 @@ def test_mean_weight_warning_names_the_remedy() -> None:
     fine = _seqs(list(np.log(rng.uniform(0.5, 1.5, 400))), [f"q{i // 8}" for i in range(400)])
     row = {**weight_diagnostics(fine), "pareto_k_exceeded": False}  # type: ignore[arg-type]
     assert weight_warnings(row, 0.1, "p0", "p1") == []
+
+
+def test_psis_from_the_largest_draws_equals_arviz_on_the_whole_run() -> None:
+    """The streaming fit (the K + 1 largest log-weights, fed in shards) gives what
+    arviz-stats' psislw gives on every log-weight at once, up to its normalising
+    constant, and applies it shard by shard to the right sequences."""
+    from arviz_stats.base import array_stats
+
+    rng = np.random.default_rng(5)
+    log_w = rng.standard_t(4, size=5000) * 1.2
+    expected, k_hat = array_stats.psislw(-log_w)
+    scan = LogWeightScan(len(log_w))
+    bounds = [0, 1, 700, 701, 2500, 5000]  # uneven shards, one of a single sequence
+    for low, high in itertools.pairwise(bounds):
+        scan.add(log_w[low:high])
+    assert scan.keep == psis_tail_size(5000) + 1 == 213
+    stabiliser, diagnostics, _ = fit_stabiliser(scan, "psis")
+    assert diagnostics["pareto_k"] == pytest.approx(float(k_hat), rel=1e-12)
+    found = np.concatenate(
+        [stabiliser.apply(log_w[low:high], low) for low, high in itertools.pairwise(bounds)]
+    )
+    shift = found - np.asarray(expected)
+    assert np.ptp(shift) < 1e-10
+    assert stabiliser.stabilised_max == pytest.approx(found.max(), abs=0)
+    assert np.sum(found != log_w) == 212  # only the tail moved
+    # Clipping, shard by shard, equals clipping the whole run.
+    clip, _, _ = fit_stabiliser(scan, "clip")
+    whole = stabilise_log_weights(log_w, "clip").log_w
+    parts = [clip.apply(log_w[low:high], low) for low, high in itertools.pairwise(bounds)]
+    assert np.concatenate(parts) == pytest.approx(whole, abs=1e-12)

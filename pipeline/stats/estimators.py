@@ -31,7 +31,8 @@ ratio is unchanged by the shift). Sums run in a fixed order, so every figure is
 reproducible bit for bit.
 
 Public API: ``prepare`` (checks and groups a paired frame into ``Sequences``),
-``prompt_sums`` (``PromptSums``), ``estimates_from_means``, ``point_estimates``,
+``prompt_sums`` (``PromptSums``), ``means_from_totals``, ``SampleShape``,
+``estimates_from_means``, ``point_estimates``,
 ``within_prompt_covariance``, and ``entropy_estimates`` (frame in, every point estimate
 in nats and bits out).
 """
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -145,6 +146,22 @@ class Covariance:
     pseudo: np.ndarray
 
 
+class SampleShape(NamedTuple):
+    """How many prompts, and the fewest sequences in an occupied stratum and a prompt."""
+
+    num_prompts: int
+    smallest_stratum: int
+    smallest_prompt: int
+
+    def combine(self, other: SampleShape) -> SampleShape:
+        """The shape of two disjoint sets of prompts together (two shards)."""
+        return SampleShape(
+            self.num_prompts + other.num_prompts,
+            min(self.smallest_stratum, other.smallest_stratum),
+            min(self.smallest_prompt, other.smallest_prompt),
+        )
+
+
 @dataclass(frozen=True)
 class Sequences:
     """A checked paired frame as arrays, grouped by prompt and by stratum.
@@ -181,13 +198,28 @@ class Sequences:
         """Q."""
         return len(self.prompt_ids)
 
+    @property
+    def shape(self) -> SampleShape:
+        """Prompt count and the smallest stratum and prompt (for ``interval_warnings``)."""
+        occupied = self.stratum_size[self.stratum_size > 0]
+        return SampleShape(
+            self.num_prompts,
+            int(occupied.min()) if len(occupied) else 0,
+            int(self.prompt_size.min()) if self.num_prompts else 0,
+        )
+
 
 def _float(frame: pl.DataFrame, column: str) -> np.ndarray:
     return frame[column].cast(pl.Float64).to_numpy()
 
 
-def prepare(frame: pl.DataFrame) -> Sequences:
-    """Check a paired frame (columns, finiteness) and group it into ``Sequences``."""
+def prepare(frame: pl.DataFrame, run_max: Mapping[str, float] | None = None) -> Sequences:
+    """Check a paired frame (columns, finiteness) and group it into ``Sequences``.
+
+    ``run_max`` (``"w0"``, ``"w1"``: the largest of ``log_w0`` and ``log_w`` over the
+    whole run) is given when the frame is one shard of a run, so that ``scale`` and
+    ``run_weights`` use the run's common shift; by default the frame is the run.
+    """
     frame = complete_paired(frame)
     check_finite(frame)
     prompt, prompt_ids = _prompt_codes(frame["prompt_id"])
@@ -212,9 +244,10 @@ def prepare(frame: pl.DataFrame) -> Sequences:
     for name, column in (("w0", "log_w0"), ("w1", "log_w")):
         log_w = _float(frame, column)
         prompt_max = _group_max(log_w, prompt, num_prompts)
+        shift = prompt_max.max() if run_max is None else run_max[name]
         weights[name] = np.exp(log_w - prompt_max[prompt])
-        scale[name] = np.exp(prompt_max - prompt_max.max())
-        run_weights[name] = np.exp(log_w - prompt_max.max())
+        scale[name] = np.exp(prompt_max - shift)
+        run_weights[name] = np.exp(log_w - shift)
     return Sequences(
         prompt_ids=prompt_ids,
         prompt=prompt,
@@ -298,18 +331,24 @@ class PromptSums:
         """Per-prompt sums on the run's common weight shift (bootstrap input)."""
         return self.local * self.scale
 
+    def run_totals(self) -> np.ndarray:
+        """Sums of the atoms over these prompts, on the run's common weight shift."""
+        return self.run_matrix().sum(axis=0)
+
     def run_means(self) -> dict[str, float]:
-        """m[a] over the whole run."""
-        totals = self.run_matrix().sum(axis=0)
-        return {
-            name: float(t / totals[self.column("n")])
-            for name, t in zip(self.names, totals, strict=True)
-        }
+        """m[a] over the whole run (these prompts)."""
+        return means_from_totals(self.names, self.run_totals())
 
     def prompt_means(self) -> dict[str, np.ndarray]:
         """m[a] within each prompt (arrays over prompts)."""
         sizes = self.local[:, self.column("n")]
         return {name: self.local[:, j] / sizes for j, name in enumerate(self.names)}
+
+
+def means_from_totals(names: tuple[str, ...], totals: np.ndarray) -> dict[str, float]:
+    """m[a] = total of a / N, N the total of ``n``."""
+    count = totals[names.index("n")]
+    return {name: float(t / count) for name, t in zip(names, totals, strict=True)}
 
 
 def prompt_sums(seqs: Sequences, names: tuple[str, ...] | None = None) -> PromptSums:

@@ -15,29 +15,48 @@ models, log q_i = logsumexp_m S_m,full,i - log M (the balance heuristic), and th
 paired frame carries log w0 = S0_full - log q and log w1 = S1_full - log q. With the
 reference alone sampling, log q = S0_full, so log w0 = 0 and log w1 = d exactly.
 
-Public API: ``paired_frame``, ``generation_diagnostics``, ``candidate_summary``,
-``compute_summary`` (also writes per_prompt.parquet), ``write_summary``.
+Shard by shard. Shards hold whole prompts, so everything per prompt is computed one
+shard at a time and the driver's memory does not grow with the run (design.md,
+"Statistics in bounded memory"). What needs the whole run is reduced to a few numbers
+per candidate: a first, cheap pass over the log-weights (``LogWeightScan``: extremes,
+log sum exp, the Pareto tail's largest draws) fits the weight stabilisation; a second
+pass over the full paired frame of each shard adds the run totals of the atoms, the
+within-stratum scatter matrix of the prompt-set errors, the bootstrap's replicate
+totals and the weight diagnostics' sums, and writes the shard's per-prompt rows. The
+medians and quantiles of the diagnostics are exact order statistics found by re-reading
+(``pipeline.stats.quantiles``).
+
+Public API: ``shard_parts``, ``PairedShards``, ``paired_frame``,
+``generation_diagnostics``, ``candidate_summary``, ``compute_summary`` (also writes
+per_prompt.parquet), ``write_summary``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.artifacts import (
     PER_PROMPT_PARQUET,
     SEQUENCE_SCHEMA,
     SUMMARY,
     SUMMARY_PARQUET,
+    sample_folders,
     scan,
+    scan_checked,
     scan_samples,
     scores_dir,
+    table_writer,
     write_json,
     write_table,
 )
@@ -45,54 +64,191 @@ from pipeline.config import STATS_SECTIONS, RunConfig
 from pipeline.errors import PipelineError
 from pipeline.stats.estimators import (
     PromptSums,
+    SampleShape,
     Sequences,
     check_finite,
-    complete_paired,
-    point_estimates,
+    estimates_from_means,
+    means_from_totals,
     prepare,
     prompt_sums,
     with_bits,
 )
+from pipeline.stats.quantiles import exact_quantiles
 from pipeline.stats.registry import (
     PER_PROMPT_ESTIMATES,
     PER_PROMPT_SCHEMA,
     RUN_KEYS,
     SUMMARY_SCHEMA,
     Unit,
+    atoms_needed,
     candidate_keys,
 )
 from pipeline.stats.uncertainty import (
     INTERVAL_ESTIMATES,
-    cluster_bootstrap,
+    ClusterBootstrap,
     interval_warnings,
     per_prompt_errors,
-    prompt_set_errors,
+    prompt_set_standard_errors,
+    stratum_scatter,
     wald_intervals,
 )
 from pipeline.stats.weights import (
-    prompt_effective_sample_sizes,
-    stabilise_log_weights,
-    weight_diagnostics,
+    LOG_WEIGHT_QUANTILES,
+    PROMPT_ESS_QUANTILES,
+    LogWeightScan,
+    WeightTotals,
+    fit_stabiliser,
     weight_warnings,
 )
 
 KEYS = ["prompt_id", "sample_idx"]
 # Prompts listed in the summary (and the report) by |delta H| / SE.
 TOP_PROMPTS = 5
+# Bytes of per-prompt ESS read back at a time for its quantiles.
+_SPILL_CHUNK = 1 << 20
 
 
-def _model_scores(run_dir: Path, model: str, tag: str, include_eos: bool) -> pl.LazyFrame:
+@dataclass(frozen=True)
+class ShardParts:
+    """One shard's files: each sampling model's samples part, each model's scores part."""
+
+    samples: tuple[Path, ...]
+    scores: Mapping[str, Path]
+
+
+def shard_parts(
+    run_dir: Path, sampling_models: Sequence[str], models: Sequence[str]
+) -> list[ShardParts]:
+    """The files of every shard, refusing a run whose stages did not write them all."""
+    folders = sample_folders(run_dir, list(sampling_models))
+    names = [sorted(path.name for path in folder.glob("part-*.parquet")) for folder in folders]
+    if not names[0]:
+        raise PipelineError(
+            f"no Parquet parts in {folders[0]}: the stage that writes them did not finish."
+        )
+    if any(found != names[0] for found in names):
+        raise PipelineError(
+            f"the sampling models' folders {[str(f) for f in folders]} hold different "
+            "shards: the sample stage did not finish for this run. Re-run "
+            "`entropy-pipeline run --out` on it."
+        )
+    for model in models:
+        found = sorted(path.name for path in scores_dir(run_dir, model).glob("part-*.parquet"))
+        if found != names[0]:
+            raise PipelineError(
+                f"the scores under {model} ({len(found)} parts) do not cover the "
+                f"{len(names[0])} sampled shards: the score stage did not finish for this "
+                "run. Re-run `entropy-pipeline run --out` on it."
+            )
+    return [
+        ShardParts(
+            tuple(folder / name for folder in folders),
+            {model: scores_dir(run_dir, model) / name for model in models},
+        )
+        for name in names[0]
+    ]
+
+
+def _model_scores(part: Path, tag: str, include_eos: bool) -> pl.LazyFrame:
     """Keys, full-sequence sum and length, and integrand sum and length of one model."""
     ended_by_stop = pl.col("finish_reason") == "stop"
     drop_last = ended_by_stop & (not include_eos)
     last_logprob = pl.col("token_logprobs").list.last().cast(pl.Float64)
-    return scan(scores_dir(run_dir, model), SEQUENCE_SCHEMA).select(
+    return scan_checked([part], SEQUENCE_SCHEMA).select(
         *(pl.col(key).alias(f"{key}_{tag}") for key in KEYS),
         pl.col("S").alias(f"S_full_{tag}"),
         pl.col("L").alias(f"L_full_{tag}"),
         (pl.col("S") - pl.when(drop_last).then(last_logprob).otherwise(0.0)).alias(f"S_{tag}"),
         (pl.col("L") - drop_last.cast(pl.Int32)).alias(f"L_{tag}"),
     )
+
+
+@dataclass(frozen=True)
+class PairedShards:
+    """The paired frame of one candidate, one shard at a time.
+
+    The score stage writes each model's shard row for row in the order of the samples
+    shard, so the tables are put side by side instead of joined (a join on the string
+    keys held ~300 bytes per sequence); the keys are compared row by row, and score
+    files that do not cover exactly the sampled sequences, in order, are refused.
+    ``stratum`` = sample_idx // ``num_samples`` is the sampling model's index.
+    """
+
+    parts: list[ShardParts]
+    reference: str
+    candidate: str
+    include_eos: bool
+    sampling_models: tuple[str, ...]
+    num_samples: int
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    @property
+    def num_sequences(self) -> int:
+        """N, from the Parquet footers of the samples (no data read)."""
+        return sum(
+            pq.ParquetFile(path).metadata.num_rows for part in self.parts for path in part.samples
+        )
+
+    def _lazy(self, shard: int) -> pl.LazyFrame:
+        parts = self.parts[shard]
+        models = list(dict.fromkeys([self.reference, self.candidate, *self.sampling_models]))
+        tags = {model: str(i) for i, model in enumerate(models)}
+        aligned = pl.lit(True)
+        for tag in tags.values():
+            for key in KEYS:
+                aligned = aligned & (pl.col(key) == pl.col(f"{key}_{tag}"))
+        ref, cand = tags[self.reference], tags[self.candidate]
+        proposal = [pl.col(f"S_full_{tags[m]}") for m in self.sampling_models]
+        top = pl.max_horizontal(proposal)
+        # Balance heuristic: log of the equal mixture's density. With one sampling model
+        # this is its S_full exactly (top + log 1 - log 1).
+        log_q = top + pl.sum_horizontal([(s - top).exp() for s in proposal]).log()
+        log_q = log_q - math.log(len(self.sampling_models))
+        sampled = scan_checked(list(parts.samples), SEQUENCE_SCHEMA).select(KEYS)
+        scores = [_model_scores(parts.scores[m], tag, self.include_eos) for m, tag in tags.items()]
+        return pl.concat([sampled, *scores], how="horizontal").select(
+            *KEYS,
+            aligned=aligned.fill_null(False),
+            stratum=(pl.col("sample_idx") // self.num_samples).cast(pl.Int64),
+            S0=f"S_{ref}",
+            S1=f"S_{cand}",
+            L=f"L_{ref}",
+            L_full=f"L_full_{ref}",
+            d=pl.col(f"S_full_{cand}") - pl.col(f"S_full_{ref}"),
+            log_w0=pl.col(f"S_full_{ref}") - log_q,
+            log_w1=pl.col(f"S_full_{cand}") - log_q,
+        )
+
+    def _checked(self, frame: pl.LazyFrame) -> pl.DataFrame:
+        # Streaming: the list columns are read in batches and reduced to scalars.
+        found = frame.collect(engine="streaming")
+        misaligned = found.filter(~pl.col("aligned"))
+        if misaligned.height:
+            first = misaligned.row(0, named=True)
+            raise PipelineError(
+                f"{misaligned.height} sampled sequence(s) have no score, or a score out of "
+                f"order, under one of {[self.reference, self.candidate]} or the sampling "
+                f"models (first: prompt {first['prompt_id']!r}, sample "
+                f"{first['sample_idx']}); the score stage did not finish for this run. "
+                "Re-run `entropy-pipeline run --out` on it."
+            )
+        return found.drop("aligned")
+
+    def frame(self, shard: int) -> pl.DataFrame:
+        """One row per sequence of the shard: the columns of ``pipeline.stats.estimators``."""
+        return self._checked(self._lazy(shard))
+
+    def log_weights(self, shard: int) -> pl.DataFrame:
+        """Keys, d and the raw log-weights of the shard, checked (no per-token column read)."""
+        frame = self._checked(self._lazy(shard).select(*KEYS, "aligned", "d", "log_w0", "log_w1"))
+        check_finite(frame)
+        return frame
+
+    def raw_log_w1(self, shard: int) -> np.ndarray:
+        """The shard's raw log-weights of the candidate alone (for re-reading passes)."""
+        return self._lazy(shard).select("log_w1").collect()["log_w1"].to_numpy()
 
 
 def paired_frame(
@@ -103,60 +259,21 @@ def paired_frame(
     sampling_models: Sequence[str],
     num_samples: int,
 ) -> pl.DataFrame:
-    """One row per sequence, the columns of ``pipeline.stats.estimators`` (and keys).
+    """The whole paired frame of a run, every shard in order (``PairedShards.frame``).
 
-    The score stage writes each model's shard row for row in the order of the samples
-    shard, so the tables are put side by side instead of joined (a join on the string
-    keys held ~300 bytes per sequence); the keys are compared row by row, and score
-    files that do not cover exactly the sampled sequences, in order, are refused. The
-    shard order is fixed, so every sum, and so every figure, is reproducible bit for
-    bit. ``stratum`` = sample_idx // ``num_samples`` is the sampling model's index.
+    For tests and small runs: it holds every sequence's row, which the statistics
+    stage never does.
     """
     models = list(dict.fromkeys([reference, candidate, *sampling_models]))
-    tags = {model: str(i) for i, model in enumerate(models)}
-    aligned = pl.lit(True)
-    for tag in tags.values():
-        for key in KEYS:
-            aligned = aligned & (pl.col(key) == pl.col(f"{key}_{tag}"))
-    ref, cand = tags[reference], tags[candidate]
-    proposal = [pl.col(f"S_full_{tags[m]}") for m in sampling_models]
-    top = pl.max_horizontal(proposal)
-    # Balance heuristic: log of the equal mixture's density. With one sampling model
-    # this is its S_full exactly (top + log 1 - log 1).
-    log_q = top + pl.sum_horizontal([(s - top).exp() for s in proposal]).log()
-    log_q = log_q - math.log(len(sampling_models))
-    sampled = scan_samples(run_dir, list(sampling_models)).select(KEYS)
-    frame = (
-        pl.concat(
-            [sampled, *(_model_scores(run_dir, m, tag, include_eos) for m, tag in tags.items())],
-            how="horizontal",
-        )
-        .select(
-            *KEYS,
-            aligned=aligned.fill_null(False),
-            stratum=(pl.col("sample_idx") // num_samples).cast(pl.Int64),
-            S0=f"S_{ref}",
-            S1=f"S_{cand}",
-            L=f"L_{ref}",
-            L_full=f"L_full_{ref}",
-            d=pl.col(f"S_full_{cand}") - pl.col(f"S_full_{ref}"),
-            log_w0=pl.col(f"S_full_{ref}") - log_q,
-            log_w1=pl.col(f"S_full_{cand}") - log_q,
-        )
-        # Streaming: the list columns are read in batches and reduced to scalars, so
-        # the per-token log-probs are never all in memory.
-        .collect(engine="streaming")
+    shards = PairedShards(
+        shard_parts(run_dir, sampling_models, models),
+        reference,
+        candidate,
+        include_eos,
+        tuple(sampling_models),
+        num_samples,
     )
-    misaligned = frame.filter(~pl.col("aligned"))
-    if misaligned.height:
-        first = misaligned.row(0, named=True)
-        raise PipelineError(
-            f"{misaligned.height} sampled sequence(s) have no score, or a score out of "
-            f"order, under one of {models} (first: prompt {first['prompt_id']!r}, "
-            f"sample {first['sample_idx']}); the score stage did not finish for this "
-            "run. Re-run `entropy-pipeline run --out` on it."
-        )
-    return frame.drop("aligned")
+    return pl.concat([shards.frame(k) for k in range(len(shards))])
 
 
 def generation_diagnostics(
@@ -165,7 +282,8 @@ def generation_diagnostics(
     """Length and stop statistics of the samples, and the decode-vs-prefill mismatch.
 
     ``max_abs_decode_vs_prefill_logprob_diff`` is the largest |decode-time log-prob -
-    teacher-forced log-prob under the model that sampled the token|, in nats.
+    teacher-forced log-prob under the model that sampled the token|, in nats. Prompts
+    are counted shard by shard (a prompt's samples are all in one shard).
     """
     samples = scan_samples(run_dir, list(sampling_models))
     prefills = [
@@ -178,7 +296,7 @@ def generation_diagnostics(
     prefill = pl.col("prefill_0")
     for m in range(1, len(sampling_models)):
         prefill = pl.when(model == m).then(pl.col(f"prefill_{m}")).otherwise(prefill)
-    # Row for row, as in paired_frame (which checks that the keys line up).
+    # Row for row, as in PairedShards (which checks that the keys line up).
     per_token = pl.concat(
         [samples.select("sample_idx", pl.col("token_logprobs").alias("decode")), *prefills],
         how="horizontal",
@@ -192,7 +310,6 @@ def generation_diagnostics(
     )
     row = (
         samples.select(
-            num_prompts=pl.col("prompt_id").n_unique(),
             num_sequences=pl.len(),
             avg_gen_length=pl.col("L").mean(),
             fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
@@ -201,6 +318,14 @@ def generation_diagnostics(
         .collect(engine="streaming")
         .row(0, named=True)
     )
+    first_sampler = sample_folders(run_dir, list(sampling_models))[0]
+    row = {
+        "num_prompts": sum(
+            pc.count_distinct(pq.read_table(part, columns=["prompt_id"])["prompt_id"]).as_py()
+            for part in sorted(first_sampler.glob("part-*.parquet"))
+        ),
+        **row,
+    }
     row["max_abs_decode_vs_prefill_logprob_diff"] = per_token.collect(engine="streaming").item()
     return row
 
@@ -213,10 +338,11 @@ def _interval_keys(intervals: dict[str, dict[str, float]]) -> dict[str, float]:
     return row
 
 
-def per_prompt_table(seqs: Sequences, sums: PromptSums, unit: Unit, candidate: str) -> pa.Table:
+def per_prompt_table(
+    seqs: Sequences, sums: PromptSums, unit: Unit, candidate: str, ess: np.ndarray
+) -> pa.Table:
     """Per-prompt estimates with standard errors, and raw-weight ESS (PER_PROMPT_SCHEMA)."""
     errors = per_prompt_errors(seqs, sums, unit, PER_PROMPT_ESTIMATES)
-    ess = prompt_effective_sample_sizes(seqs, seqs.log_w1)
     columns: dict[str, Any] = {
         "candidate": pa.array([candidate] * seqs.num_prompts, pa.string()),
         "prompt_id": seqs.prompt_ids.to_arrow().cast(pa.string()),
@@ -231,62 +357,116 @@ def per_prompt_table(seqs: Sequences, sums: PromptSums, unit: Unit, candidate: s
     return pa.Table.from_pydict(columns, schema=PER_PROMPT_SCHEMA)
 
 
-def largest_changes(table: pa.Table, count: int = TOP_PROMPTS) -> list[dict[str, Any]]:
-    """The ``count`` prompts with the largest |delta H| / SE (finite ratios only)."""
-    frame = (
-        pl.from_arrow(table)
-        .select(
+def largest_changes(frame: pl.DataFrame, count: int = TOP_PROMPTS) -> pl.DataFrame:
+    """The ``count`` rows with the largest |delta H| / SE (finite ratios only).
+
+    ``frame`` holds per-prompt rows, or earlier results of this function (column
+    ``z``), so the top rows of a run are found shard by shard.
+    """
+    if "z" not in frame.columns:
+        frame = frame.select(
             "prompt_id",
             "delta_H_nats",
             "delta_H_se_nats",
             z=pl.col("delta_H_nats") / pl.col("delta_H_se_nats"),
-        )
-        .filter(pl.col("z").is_finite())
-    )
-    return frame.sort(pl.col("z").abs(), descending=True).head(count).to_dicts()
+        ).filter(pl.col("z").is_finite())
+    return frame.sort(pl.col("z").abs(), descending=True, maintain_order=True).head(count)
+
+
+def _spilled(spill: IO[bytes]) -> Iterator[np.ndarray]:
+    """The float64 values written to ``spill``, in chunks (one pass)."""
+    spill.seek(0)
+    while chunk := spill.read(_SPILL_CHUNK):
+        yield np.frombuffer(chunk, dtype=np.float64)
 
 
 def candidate_summary(
-    paired: pl.DataFrame, config: RunConfig, reference: str, candidate: str
-) -> tuple[dict[str, Any], pa.Table]:
-    """Estimates, intervals, diagnostics and warnings of one candidate; its per-prompt table.
+    shards: PairedShards, config: RunConfig, write_per_prompt: Callable[[pa.Table], None]
+) -> dict[str, Any]:
+    """Estimates, intervals, diagnostics and warnings of one candidate, shard by shard.
 
-    The keys are ``registry.candidate_keys()``, in that order.
+    The keys are ``registry.candidate_keys()``, in that order. Each shard's per-prompt
+    rows go to ``write_per_prompt`` as they are computed.
     """
     entropy, weights, uncertainty = config.entropy, config.weights, config.uncertainty
-    paired = complete_paired(paired)
-    check_finite(paired)
-    stabilised = stabilise_log_weights(
-        paired["log_w1"].to_numpy(), weights.mode, weights.clip_threshold
+    unit, num_sequences = entropy.unit, shards.num_sequences
+    # Pass 1: the raw log-weights (and the checks of keys and finiteness).
+    scan = LogWeightScan(num_sequences)
+    w0_max, shard_prompts = -math.inf, []
+    for shard in range(len(shards)):
+        frame = shards.log_weights(shard)
+        shard_prompts.append(frame["prompt_id"].n_unique())
+        if frame.height:
+            scan.add(frame["log_w1"].to_numpy())
+            w0_max = max(w0_max, float(frame["log_w0"].max()))  # type: ignore[arg-type]
+    stabiliser, diagnostics, warnings = fit_stabiliser(scan, weights.mode, weights.clip_threshold)
+    run_max = {"w0": w0_max, "w1": stabiliser.stabilised_max}
+    # Pass 2: each shard's per-prompt sums, added into run totals.
+    names, interval_names = atoms_needed(), atoms_needed(INTERVAL_ESTIMATES)
+    totals = np.zeros(len(names))
+    scatter = np.zeros((len(interval_names), len(interval_names)))
+    bootstrap = (
+        ClusterBootstrap(shard_prompts, unit, uncertainty.replicates, uncertainty.seed)
+        if uncertainty.estimand == "population" and sum(shard_prompts) >= 2
+        else None
     )
-    seqs = prepare(paired.with_columns(log_w=pl.Series(stabilised.log_w)))
-    del paired  # the arrays in seqs are all that is needed from here on
-    sums = prompt_sums(seqs)
-    values = point_estimates(sums, entropy.unit)
-    if uncertainty.estimand == "prompt_set":
-        errors = prompt_set_errors(seqs, sums, entropy.unit)
-        intervals = wald_intervals(values, errors, uncertainty.level)
-    elif seqs.num_prompts >= 2:
-        intervals = cluster_bootstrap(
-            sums, entropy.unit, uncertainty.replicates, uncertainty.seed, uncertainty.level
+    weight_totals = WeightTotals(scan.max, stabiliser.stabilised_max)
+    shape, clipped, position = SampleShape(0, num_sequences, num_sequences), 0, 0
+    top = pl.DataFrame()
+    with tempfile.TemporaryFile() as prompt_ess_spill:
+        for shard in range(len(shards)):
+            frame = shards.frame(shard)
+            if not frame.height:
+                continue
+            log_w1 = frame["log_w1"].to_numpy()
+            clipped += stabiliser.count_clipped(log_w1)
+            seqs = prepare(
+                frame.with_columns(log_w=pl.Series(stabiliser.apply(log_w1, position))), run_max
+            )
+            position += seqs.num_sequences
+            sums = prompt_sums(seqs, names)
+            totals += sums.run_totals()
+            if uncertainty.estimand == "prompt_set":
+                scatter += stratum_scatter(seqs, interval_names)
+            if bootstrap is not None:
+                bootstrap.add(shard, sums)
+            prompt_ess = weight_totals.add(seqs)
+            prompt_ess_spill.write(prompt_ess.tobytes())
+            table = per_prompt_table(seqs, sums, unit, shards.candidate, prompt_ess)
+            write_per_prompt(table)
+            top = largest_changes(pl.concat([top, largest_changes(pl.from_arrow(table))]))
+            shape = shape.combine(seqs.shape)
+        prompt_ess_quantiles = exact_quantiles(
+            lambda: _spilled(prompt_ess_spill), PROMPT_ESS_QUANTILES
         )
+    log_weight_quantiles = exact_quantiles(
+        lambda: (shards.raw_log_w1(shard) for shard in range(len(shards))), LOG_WEIGHT_QUANTILES
+    )
+    means = means_from_totals(names, totals)
+    values = {k: float(v) for k, v in estimates_from_means(means, unit).items()}
+    if uncertainty.estimand == "prompt_set":
+        errors = prompt_set_standard_errors(scatter, interval_names, means, num_sequences, unit)
+        intervals = wald_intervals(values, errors, uncertainty.level)
+    elif bootstrap is not None:
+        intervals = bootstrap.intervals(uncertainty.level)
     else:
         nothing = {"se": math.nan, "low": math.nan, "high": math.nan}
         intervals = {e.name: nothing for e in INTERVAL_ESTIMATES}
+    if stabiliser.mode == "clip":
+        diagnostics["fraction_clipped"] = clipped / num_sequences
     row: dict[str, Any] = {
         **with_bits(values),
         **_interval_keys(intervals),
-        **stabilised.diagnostics,
-        **weight_diagnostics(seqs),
+        **diagnostics,
+        **weight_totals.diagnostics(prompt_ess_quantiles, log_weight_quantiles),
     }
-    table = per_prompt_table(seqs, sums, entropy.unit, candidate)
-    row["prompts_largest_delta_H"] = largest_changes(table)
+    row["prompts_largest_delta_H"] = top.to_dicts()
     row["warnings"] = [
-        *stabilised.warnings,
-        *weight_warnings(row, weights.min_ess_fraction, reference, candidate),
-        *interval_warnings(seqs, uncertainty.estimand),
+        *warnings,
+        *weight_warnings(row, weights.min_ess_fraction, shards.reference, shards.candidate),
+        *interval_warnings(shape, uncertainty.estimand),
     ]
-    return {key: row[key] for key in candidate_keys()}, table
+    return {key: row[key] for key in candidate_keys()}
 
 
 def uncertainty_method(config: RunConfig) -> str:
@@ -309,29 +489,29 @@ def compute_summary(run_dir: Path, config: RunConfig) -> dict[str, Any]:
     """The summary of a run under ``config``'s statistics options.
 
     Also writes ``per_prompt.parquet`` (every candidate's per-prompt estimates) into
-    ``run_dir``, atomically.
+    ``run_dir``, atomically, shard by shard.
     """
     reference, entropy = config.reference_model, config.entropy
     sampling, num_samples = config.sampling_models, config.sampling.num_samples
-    candidates, tables = {}, []
-    for name in config.candidates:
-        try:
-            # The frame is handed over, not kept here: candidate_summary frees it once
-            # it has the arrays it needs.
-            candidates[name], table = candidate_summary(
-                paired_frame(run_dir, reference, name, entropy.include_eos, sampling, num_samples),
-                config,
-                reference,
-                name,
+    models = list(dict.fromkeys([reference, *config.candidates, *sampling]))
+    parts = shard_parts(run_dir, sampling, models)
+    candidates = {}
+    per_prompt_fields = {
+        "content": "per_prompt",
+        "unit": entropy.unit,
+        "include_eos": str(entropy.include_eos),
+    }
+    with table_writer(
+        run_dir / PER_PROMPT_PARQUET, PER_PROMPT_SCHEMA, per_prompt_fields
+    ) as write_per_prompt:
+        for name in config.candidates:
+            shards = PairedShards(
+                parts, reference, name, entropy.include_eos, tuple(sampling), num_samples
             )
-        except PipelineError as err:
-            raise PipelineError(f"candidate {name!r}: {err}") from None
-        tables.append(table)
-    write_table(
-        pa.concat_tables(tables),
-        run_dir / PER_PROMPT_PARQUET,
-        {"content": "per_prompt", "unit": entropy.unit, "include_eos": str(entropy.include_eos)},
-    )
+            try:
+                candidates[name] = candidate_summary(shards, config, write_per_prompt)
+            except PipelineError as err:
+                raise PipelineError(f"candidate {name!r}: {err}") from None
     first = config.candidates[0]
     return {
         "unit": entropy.unit,

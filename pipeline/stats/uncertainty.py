@@ -22,7 +22,11 @@
   sum over prompts of each covariance's jackknife variance. (A naive
   bootstrap within prompts would be low by sqrt((G-1)/G) and would shift dH1.)
   The variance needs G_s >= 2 (>= 3 for a covariance's jackknife); otherwise it is
-  NaN, reported as null, and ``interval_warnings`` says why.
+  NaN, reported as null, and ``interval_warnings`` says why. The gradient is known only
+  once the whole run is summed, so V is kept as a quadratic form: the within-stratum
+  scatter matrix C of the atoms' influence values (``stratum_scatter``, summed shard by
+  shard) gives V = g' C g / N^2 for each estimate's gradient g
+  (``prompt_set_standard_errors``).
 
 * ``population``: the value for the population the prompts were drawn from; prompts
   are the independent units. A cluster bootstrap over prompts: a replicate draws Q
@@ -30,14 +34,19 @@
   sums (one matrix product per batch of replicates). The weights are the full-sample
   ones in every replicate. SE = standard deviation of the replicates; percentile
   intervals. Meaningless with one prompt, unreliable with few (warned below 20).
+  Shard by shard (``ClusterBootstrap``): a replicate's Q draws are first split over the
+  shards (one multinomial over the shards' prompt counts), then spread uniformly over
+  each shard's prompts when it is read; conditionally on the split this is the same
+  multinomial as Q uniform draws over all prompts, so one shard in memory suffices.
 
-Public API: ``Linearised``, ``stratum_dispersion``, ``prompt_set_errors``,
-``per_prompt_errors``, ``wald_intervals``, ``cluster_bootstrap``, ``interval_warnings``.
+Public API: ``Linearised``, ``stratum_dispersion``, ``stratum_scatter``,
+``prompt_set_standard_errors``, ``prompt_set_errors``, ``per_prompt_errors``,
+``wald_intervals``, ``ClusterBootstrap``, ``cluster_bootstrap``, ``interval_warnings``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any, Literal
 
@@ -45,6 +54,7 @@ import numpy as np
 
 from pipeline.stats.estimators import (
     PromptSums,
+    SampleShape,
     Sequences,
     atom_values,
     covariance,
@@ -139,6 +149,14 @@ def stratum_dispersion(seqs: Sequences, psi: np.ndarray) -> np.ndarray:
         return np.where(occupied, factor * squares, 0.0)
 
 
+def _influence_atom(seqs: Sequences, name: str, run_shift: bool) -> np.ndarray | float:
+    """An atom's per-sequence influence values: its values, or a covariance's jackknife."""
+    atom = ATOMS[name]
+    if atom.covariance:
+        return covariance(seqs, atom).pseudo
+    return atom_values(seqs, atom, run_shift)
+
+
 def influence_values(seqs: Sequences, gradient: Mapping[str, Any], run_shift: bool) -> np.ndarray:
     """psi_i = sum_a gradient[a] a_i, up to a constant per stratum.
 
@@ -148,16 +166,53 @@ def influence_values(seqs: Sequences, gradient: Mapping[str, Any], run_shift: bo
     """
     psi = np.zeros(seqs.num_sequences)
     for name, coefficient in gradient.items():
-        atom = ATOMS[name]
-        if atom.covariance:
-            values: np.ndarray | float = covariance(seqs, atom).pseudo
-        else:
-            values = atom_values(seqs, atom, run_shift)
-        if np.ndim(coefficient):
-            psi += coefficient[seqs.prompt] * values
-        else:
-            psi += coefficient * values
+        values = _influence_atom(seqs, name, run_shift)
+        psi += (coefficient[seqs.prompt] if np.ndim(coefficient) else coefficient) * values
     return psi
+
+
+def stratum_scatter(seqs: Sequences, names: Sequence[str]) -> np.ndarray:
+    """C[a, b] = sum_s G_s / (G_s - 1) sum_{i in s} (a_i - mean_s a)(b_i - mean_s b).
+
+    Over the influence values of the atoms ``names`` (run weight shift). For any
+    gradient g, g' C g is the summed ``stratum_dispersion`` of psi = sum_a g_a a, so
+    scatter matrices of shards add up to the run's. A stratum of one sequence makes C
+    NaN (as its dispersion is).
+    """
+    values = np.empty((seqs.num_sequences, len(names)))
+    for j, name in enumerate(names):
+        values[:, j] = _influence_atom(seqs, name, run_shift=True)
+    size = seqs.stratum_size.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for j in range(len(names)):
+            mean = np.bincount(seqs.stratum, weights=values[:, j], minlength=len(size)) / size
+            values[:, j] -= mean[seqs.stratum]
+        factor = (size / (size - 1.0))[seqs.stratum]
+        return values.T @ (values * factor[:, None])
+
+
+def prompt_set_standard_errors(
+    scatter: np.ndarray,
+    names: Sequence[str],
+    means: Mapping[str, float],
+    num_sequences: int,
+    unit: Unit,
+    estimates: tuple[Estimate, ...] = INTERVAL_ESTIMATES,
+) -> dict[str, float]:
+    """SE (nats) = sqrt(g' C g) / N of each estimate, g its gradient at the run ``means``.
+
+    ``scatter`` is the run's ``stratum_scatter`` over the atoms ``names``; only the
+    rows and columns of the atoms an estimate reads enter its variance, so a NaN
+    covariance jackknife (fewer than 3 sequences in a prompt) leaves the others defined.
+    """
+    linear = estimates_from_means(linearise(means), unit, estimates)
+    errors = {}
+    for name, lin in linear.items():
+        rows = [names.index(atom) for atom in lin.gradient]
+        gradient = np.array([lin.gradient[atom] for atom in lin.gradient], dtype=np.float64)
+        variance = gradient @ scatter[np.ix_(rows, rows)] @ gradient / num_sequences**2
+        errors[name] = float(np.sqrt(variance))
+    return errors
 
 
 def prompt_set_errors(
@@ -167,13 +222,11 @@ def prompt_set_errors(
     estimates: tuple[Estimate, ...] = INTERVAL_ESTIMATES,
 ) -> dict[str, float]:
     """Standard error (nats) of each run estimate for the fixed prompt set."""
-    linear = estimates_from_means(linearise(sums.run_means()), unit, estimates)
-    errors = {}
-    for name, lin in linear.items():
-        psi = influence_values(seqs, lin.gradient, run_shift=True)
-        variance = stratum_dispersion(seqs, psi).sum() / seqs.num_sequences**2
-        errors[name] = float(np.sqrt(variance))
-    return errors
+    names = atoms_needed(estimates)
+    scatter = stratum_scatter(seqs, names)
+    return prompt_set_standard_errors(
+        scatter, names, sums.run_means(), seqs.num_sequences, unit, estimates
+    )
 
 
 def per_prompt_errors(
@@ -209,6 +262,64 @@ def wald_intervals(
     }
 
 
+class ClusterBootstrap:
+    """The cluster bootstrap over prompts, fed one shard's per-prompt sums at a time.
+
+    ``shard_prompts`` is the number of prompts of each shard. Replicate totals (B x k)
+    are all that is kept between shards.
+    """
+
+    def __init__(
+        self,
+        shard_prompts: Sequence[int],
+        unit: Unit,
+        replicates: int,
+        seed: int,
+        estimates: tuple[Estimate, ...] = INTERVAL_ESTIMATES,
+    ) -> None:
+        self.unit, self.seed, self.estimates = unit, seed, estimates
+        self.names = atoms_needed(estimates)
+        self.shard_prompts = list(shard_prompts)
+        num_prompts = sum(self.shard_prompts)
+        # Where each replicate's Q draws fall: how many in each shard.
+        shares = np.asarray(self.shard_prompts, dtype=np.float64) / num_prompts
+        self._draws = np.random.default_rng(seed).multinomial(num_prompts, shares, size=replicates)
+        self._totals = np.zeros((replicates, len(self.names)))
+
+    def add(self, shard: int, sums: PromptSums) -> None:
+        """Add shard ``shard``'s per-prompt sums (on the run's common weight shift)."""
+        matrix = sums.run_matrix()[:, [sums.column(name) for name in self.names]]
+        num_prompts = matrix.shape[0]
+        if num_prompts != self.shard_prompts[shard]:
+            raise ValueError(
+                f"shard {shard} has {num_prompts} prompts, {self.shard_prompts[shard]} expected"
+            )
+        rng = np.random.default_rng([self.seed, shard])
+        uniform = np.full(num_prompts, 1.0 / num_prompts)
+        replicates = len(self._totals)
+        chunk = max(1, _MAX_MATRIX_ENTRIES // num_prompts)
+        for start in range(0, replicates, chunk):
+            rows = slice(start, min(start + chunk, replicates))
+            # How often each of the shard's prompts is drawn in each replicate.
+            counts = rng.multinomial(self._draws[rows, shard], uniform)
+            self._totals[rows] += counts.astype(np.float64) @ matrix
+
+    def intervals(self, level: float) -> dict[str, dict[str, float]]:
+        """SE and percentile interval of each estimate (nats); NaN where undefined."""
+        count = self._totals[:, self.names.index("n")]
+        means = {name: self._totals[:, j] / count for j, name in enumerate(self.names)}
+        tail = (1.0 - level) / 2.0 * 100.0
+        result = {}
+        for name, values in estimates_from_means(means, self.unit, self.estimates).items():
+            if np.all(np.isfinite(values)):
+                low, high = np.percentile(values, [tail, 100.0 - tail])
+                se = float(np.std(values, ddof=1))
+            else:
+                low = high = se = float("nan")
+            result[name] = {"se": se, "low": float(low), "high": float(high)}
+        return result
+
+
 def cluster_bootstrap(
     sums: PromptSums,
     unit: Unit,
@@ -217,67 +328,39 @@ def cluster_bootstrap(
     level: float,
     estimates: tuple[Estimate, ...] = INTERVAL_ESTIMATES,
 ) -> dict[str, dict[str, float]]:
-    """Bootstrap SE and percentile interval of each estimate (nats), over prompts.
+    """Bootstrap SE and percentile interval of each estimate (nats), in memory.
 
-    The result maps an estimate's name to ``{"se", "low", "high"}``; NaN where a
-    replicate's value is undefined.
+    Over the prompts of ``sums`` (one shard): ``{"se", "low", "high"}`` per estimate.
     """
-    names = atoms_needed(estimates)
-    columns = [sums.column(name) for name in names]
-    matrix = sums.run_matrix()[:, columns]
-    count_column = names.index("n")
-    num_prompts = matrix.shape[0]
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _MAX_MATRIX_ENTRIES // num_prompts)
-    draws: dict[str, list[np.ndarray]] = {e.name: [] for e in estimates}
-    for start in range(0, replicates, chunk):
-        size = min(chunk, replicates - start)
-        # How often each prompt is drawn in each replicate: Q index draws per replicate.
-        drawn = rng.integers(0, num_prompts, size=(size, num_prompts))
-        drawn += np.arange(size)[:, None] * num_prompts
-        counts = np.bincount(drawn.ravel(), minlength=size * num_prompts)
-        totals = counts.reshape(size, num_prompts).astype(np.float64) @ matrix
-        means = {name: totals[:, j] / totals[:, count_column] for j, name in enumerate(names)}
-        for name, values in estimates_from_means(means, unit, estimates).items():
-            draws[name].append(values)
-    tail = (1.0 - level) / 2.0 * 100.0
-    result = {}
-    for name, chunks in draws.items():
-        values = np.concatenate(chunks)
-        if np.all(np.isfinite(values)):
-            low, high = np.percentile(values, [tail, 100.0 - tail])
-            se = float(np.std(values, ddof=1))
-        else:
-            low = high = se = float("nan")
-        result[name] = {"se": se, "low": float(low), "high": float(high)}
-    return result
+    bootstrap = ClusterBootstrap([sums.local.shape[0]], unit, replicates, seed, estimates)
+    bootstrap.add(0, sums)
+    return bootstrap.intervals(level)
 
 
-def interval_warnings(seqs: Sequences, estimand: Estimand) -> list[str]:
+def interval_warnings(shape: SampleShape, estimand: Estimand) -> list[str]:
     """Why some standard errors cannot be estimated or trusted, in plain words."""
     warnings = []
     if estimand == "population":
-        if seqs.num_prompts < 2:
+        if shape.num_prompts < 2:
             warnings.append(
                 "uncertainty.estimand=population resamples prompts, and this run has "
-                f"{seqs.num_prompts}: no standard error can be estimated (null). Use "
+                f"{shape.num_prompts}: no standard error can be estimated (null). Use "
                 "uncertainty.estimand=prompt_set, or run more prompts."
             )
-        elif seqs.num_prompts < MIN_POPULATION_PROMPTS:
+        elif shape.num_prompts < MIN_POPULATION_PROMPTS:
             warnings.append(
-                f"only {seqs.num_prompts} prompts: a bootstrap over so few prompts gives "
+                f"only {shape.num_prompts} prompts: a bootstrap over so few prompts gives "
                 "unreliable population intervals. Use uncertainty.estimand=prompt_set "
                 f"for this prompt set, or run at least {MIN_POPULATION_PROMPTS} prompts."
             )
         return warnings
-    occupied = seqs.stratum_size[seqs.stratum_size > 0]
-    if len(occupied) and occupied.min() < 2:
+    if shape.smallest_stratum and shape.smallest_stratum < 2:
         warnings.append(
             "some prompt has a single completion (per sampling model): the prompt-set "
             "standard errors come from the spread within prompts and cannot be "
             "estimated (null). Sample sampling.num_samples >= 2."
         )
-    elif len(occupied) and seqs.prompt_size.min() < 3:
+    elif shape.smallest_stratum and shape.smallest_prompt < 3:
         warnings.append(
             "the standard errors of the first-order terms (delta_H1, delta_H1_rate) come "
             "from a delete-one jackknife of within-prompt covariances, which needs at "
