@@ -1,8 +1,11 @@
 """report.png on synthetic run directories: a valid PNG of the expected size, and panels
-that show what the summary and per_prompt.parquet hold, for 1 prompt and for many."""
+that show what the summary and per_prompt.parquet hold, for 1 prompt and for many; the
+log-weight histograms counted shard by shard, and the per-prompt rows read beyond the
+row limit (every k-th)."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 from pathlib import Path
 
@@ -10,8 +13,17 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import load_config
-from pipeline.figures import MAX_LABELLED_PROMPTS, REPORT_FIGURE, plot_report, write_report_figure
+import pipeline.figures
+from pipeline.artifacts import scores_dir
+from pipeline.config import RunConfig, load_config
+from pipeline.figures import (
+    MAX_LABELLED_PROMPTS,
+    REPORT_FIGURE,
+    log_weight_histograms,
+    per_prompt_rows,
+    plot_report,
+    write_report_figure,
+)
 from pipeline.stats.summary import PER_PROMPT_PARQUET, compute_summary, paired_frame
 from tests.conftest import DEFAULT_CONFIG, TINY_P1
 from tests.synthetic import write_run
@@ -65,13 +77,22 @@ def test_report_figure_is_a_png_beside_the_summary(
 def _panels(tmp_path: Path, prompts: int, **run: object) -> tuple[object, dict, pl.DataFrame]:
     run_dir, summary, config = _run(tmp_path, prompts, **run)
     per_prompt = pl.read_parquet(run_dir / PER_PROMPT_PARQUET)
-    weights = {
-        name: paired_frame(run_dir, "p0", name, True, config.sampling_models, 4)[
-            "log_w1"
-        ].to_numpy()
-        for name in summary["candidates"]
-    }
-    return plot_report(weights, per_prompt, summary), summary, per_prompt
+    figure = plot_report(
+        log_weight_histograms(run_dir, summary, config), per_prompt_rows(run_dir, summary), summary
+    )
+    return figure, summary, per_prompt
+
+
+def _all_log_weights(run_dir: Path, name: str, config: RunConfig) -> np.ndarray:
+    """Every sequence's log w1 of candidate ``name``, all in memory (fine for a test)."""
+    return paired_frame(
+        run_dir,
+        "p0",
+        name,
+        config.entropy.include_eos,
+        config.sampling_models,
+        config.sampling.num_samples,
+    )["log_w1"].to_numpy()
 
 
 def test_few_prompts_are_labelled_rows_sorted_by_delta_h(tmp_path: Path) -> None:
@@ -134,3 +155,76 @@ def test_mixture_sampling_and_two_candidates(tmp_path: Path) -> None:
     (legend,) = figure.legends  # the per-prompt panel's, under it
     labels = [text.get_text() for text in legend.get_texts()]
     assert [label.split(",")[0] for label in labels] == ["p1", "p2", "p1", "p2"]
+
+
+def test_log_weight_histograms_summed_over_shards_count_every_sequence(tmp_path: Path) -> None:
+    # Three shards, mixture sampling, two candidates: the bins are common to both.
+    run_dir = write_run(tmp_path, ["p0", "p1", "p2"], ["p0", "p1"], 9, 4, shards=3)
+    config = load_config(
+        DEFAULT_CONFIG,
+        ["sampling.num_samples=4", "sampling.models=[p0, p1]", f"models.p2.path={TINY_P1}"],
+    )
+    summary = compute_summary(run_dir, config)
+    histograms = log_weight_histograms(run_dir, summary, config)
+    everything = {name: _all_log_weights(run_dir, name, config) for name in ("p1", "p2")}
+    n = summary["num_sequences"]
+    assert histograms.num_sequences == n == 9 * 2 * 4
+    edges = histograms.edges
+    # p1 holds the smallest log-weight and p2 the largest: both set the common range.
+    assert everything["p1"].min() < everything["p2"].min()
+    assert everything["p2"].max() > everything["p1"].max()
+    # Rice's rule: ceil(2 * 72^(1/3)) = 9 equal bins over the range of both candidates.
+    assert len(edges) == 9 + 1
+    np.testing.assert_allclose(np.diff(edges), np.diff(edges)[0])
+    assert edges[0] == min(values.min() for values in everything.values())
+    assert edges[-1] == max(values.max() for values in everything.values())
+    assert list(histograms.counts) == ["p1", "p2"]
+    for name, values in everything.items():
+        counts = histograms.counts[name]
+        assert counts.sum() == n
+        np.testing.assert_array_equal(counts, np.histogram(values, bins=edges)[0])
+
+
+def test_log_weights_all_equal_still_draw(tmp_path: Path) -> None:
+    # The candidate's scores are the reference's: log w = 0 for every sequence.
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0"], 5, 4)
+    for part in scores_dir(run_dir, "p0").glob("part-*.parquet"):
+        shutil.copyfile(part, scores_dir(run_dir, "p1") / part.name)
+    config = load_config(DEFAULT_CONFIG, ["sampling.num_samples=4", "sampling.models=[p0]"])
+    summary = compute_summary(run_dir, config)
+    assert summary["log_weight_min"] == summary["log_weight_max"] == 0.0
+    histograms = log_weight_histograms(run_dir, summary, config)
+    # Rice's rule gives ceil(2 * 20^(1/3)) = 6 bins, over -0.5 .. 0.5 around the value.
+    np.testing.assert_allclose(histograms.edges, np.linspace(-0.5, 0.5, 6 + 1))
+    assert sorted(histograms.counts["p1"].tolist()) == [0] * 5 + [20]  # all in one bin
+    assert _png_size(write_report_figure(run_dir, summary, config)) == (1500, 500)
+
+
+@pytest.mark.parametrize(
+    ("limit", "step", "label"),
+    [
+        (7, 6, "40 prompts (every 6th shown), sorted by ΔH"),
+        (20, 2, "40 prompts (every 2nd shown), sorted by ΔH"),
+        (40, 1, "40 prompts, sorted by ΔH"),
+    ],
+)
+def test_beyond_the_row_limit_every_kth_prompt_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: int, step: int, label: str
+) -> None:
+    monkeypatch.setattr(pipeline.figures, "MAX_LABELLED_PROMPTS", 5)
+    monkeypatch.setattr(pipeline.figures, "MAX_DRAWN_PROMPTS", limit)
+    run_dir, summary, config = _run(tmp_path, 40, models=("p0", "p1", "p2"))
+    every = pl.read_parquet(run_dir / PER_PROMPT_PARQUET)
+    rows = per_prompt_rows(run_dir, summary)
+    assert (rows.num_prompts, rows.step) == (40, step)
+    shown = -(-40 // step)  # rows 0, k, 2k, ... of 40
+    assert rows.rows.height == 2 * shown <= 2 * limit
+    figure = plot_report(log_weight_histograms(run_dir, summary, config), rows, summary)
+    deltas = figure.axes[1]
+    assert deltas.get_ylabel() == label
+    assert deltas.get_ylim() == (-0.5, shown - 0.5)
+    lines = [line for line in deltas.get_lines() if line.get_label().endswith("(sorted)")]
+    for name, line in zip(["p1", "p2"], lines, strict=True):
+        # Rows 0, k, 2k, ... of the candidate's rows in the file's order, then sorted.
+        expected = every.filter(candidate=name)["delta_H_nats"].to_numpy()[::step]
+        np.testing.assert_array_equal(line.get_xdata(), np.sort(expected))
