@@ -124,30 +124,6 @@ def sample_folders(run_dir: Path, sampling_models: list[str]) -> list[Path]:
     ]
 
 
-def scan_samples(run_dir: Path, sampling_models: list[str]) -> pl.LazyFrame:
-    """Every sampled sequence, in the row order of the score parts.
-
-    Shard by shard, the first sampling model's rows, then the next one's, ...: the
-    order in which the score stage reads them, so samples and scores line up row for
-    row.
-    """
-    folders = sample_folders(run_dir, sampling_models)
-    parts = [sorted(folder.glob("part-*.parquet")) for folder in folders]
-    if not all(parts):
-        empty = folders[[bool(p) for p in parts].index(False)]
-        raise PipelineError(
-            f"no Parquet parts in {empty}: the stage that writes them did not finish."
-        )
-    ordered = [part for shard in zip(*parts, strict=False) for part in shard]
-    if any(len(p) != len(parts[0]) for p in parts):
-        raise PipelineError(
-            f"the sampling models' folders {[str(f) for f in folders]} hold different "
-            "numbers of shards: the sample stage did not finish for this run. Re-run "
-            "`entropy-pipeline run --out` on it."
-        )
-    return scan_checked(ordered, SEQUENCE_SCHEMA)
-
-
 def scores_dir(run_dir: Path, model: str) -> Path:
     """Folder of the teacher-forced scores under ``model``."""
     return run_dir / "scores" / model
@@ -213,7 +189,7 @@ def _with_metadata(schema: pa.Schema, metadata_fields: dict[str, str]) -> pa.Sch
 
 # Rows a ``table_writer`` gathers into one row group: the writer keeps every row
 # group's metadata until it closes, so one row group per small batch would grow it.
-ROW_GROUP_ROWS = 65_536
+ROW_GROUP_ROWS = 8_192
 
 
 @contextmanager

@@ -182,7 +182,7 @@ class ShardWorker:
             content = "samples"
         else:
             # Every sampling model's sequences of this shard, in order: the row order
-            # the statistics read them in (artifacts.scan_samples).
+            # the statistics read them in (stats.summary.PairedShards).
             samples = pa.concat_tables(
                 read_input_part(
                     self.task.samples_path(m, index),

@@ -9,14 +9,14 @@ the length L, never the log-weights, which always compare the full sampled seque
 Sampling from several models (``sampling.models``): model m (in
 ``config.sampling_models`` order) draws sample_idx = m G + g, G =
 ``sampling.num_samples`` (samples/ for the first model, samples/<model>/ for further
-ones; ``artifacts.scan_samples`` reads them in the score parts' row order), and every
-sequence is scored under every model. The proposal is the equal mixture of the sampling
+ones; each shard's score parts hold its rows in that order, see ``PairedShards``), and
+every sequence is scored under every model. The proposal is the equal mixture of the sampling
 models, log q_i = logsumexp_m S_m,full,i - log M (the balance heuristic), and the
 paired frame carries log w0 = S0_full - log q and log w1 = S1_full - log q. With the
 reference alone sampling, log q = S0_full, so log w0 = 0 and log w1 = d exactly.
 
 Shard by shard. Shards hold whole prompts, so everything per prompt is computed one
-shard at a time and the driver's memory does not grow with the run (design.md,
+shard at a time and the driver's memory does not grow with the run (docs/design.md §5,
 "Statistics in bounded memory"). What needs the whole run is reduced to a few numbers
 per candidate: a first, cheap pass over the log-weights (``LogWeightScan``: extremes,
 log sum exp, the Pareto tail's largest draws) fits the weight stabilisation; a second
@@ -26,7 +26,7 @@ totals and the weight diagnostics' sums, and writes the shard's per-prompt rows.
 medians and quantiles of the diagnostics are exact order statistics found by re-reading
 (``pipeline.stats.quantiles``).
 
-Public API: ``shard_parts``, ``PairedShards``, ``paired_frame``,
+Public API: ``shard_parts`` (``RunParts``), ``PairedShards``, ``paired_frame``,
 ``generation_diagnostics``, ``candidate_summary``, ``compute_summary`` (also writes
 per_prompt.parquet), ``write_summary``.
 """
@@ -52,9 +52,7 @@ from pipeline.artifacts import (
     SUMMARY,
     SUMMARY_PARQUET,
     sample_folders,
-    scan,
     scan_checked,
-    scan_samples,
     scores_dir,
     table_writer,
     write_json,
@@ -106,19 +104,38 @@ KEYS = ["prompt_id", "sample_idx"]
 TOP_PROMPTS = 5
 # Bytes of per-prompt ESS read back at a time for its quantiles.
 _SPILL_CHUNK = 1 << 20
+# Values an exact quantile may gather in memory (``exact_quantiles``' max_gathered).
+_MAX_GATHERED = 1 << 16
+# Shards read by one query of ``generation_diagnostics``.
+_SHARDS_PER_QUERY = 64
 
 
 @dataclass(frozen=True)
-class ShardParts:
-    """One shard's files: each sampling model's samples part, each model's scores part."""
+class RunParts:
+    """Where every shard's files are: one name per shard, the same in every folder.
 
+    ``samples`` holds each sampling model's samples folder (in order), ``scores`` each
+    model's scores folder. Only the part names are kept per shard (a few bytes).
+    """
+
+    run_dir: Path
     samples: tuple[Path, ...]
     scores: Mapping[str, Path]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def sample_parts(self, shard: int) -> list[Path]:
+        """Shard ``shard``'s samples parts, one per sampling model."""
+        return [folder / self.names[shard] for folder in self.samples]
+
+    def score_part(self, shard: int, model: str) -> Path:
+        """Shard ``shard``'s scores part under ``model``."""
+        return self.scores[model] / self.names[shard]
 
 
-def shard_parts(
-    run_dir: Path, sampling_models: Sequence[str], models: Sequence[str]
-) -> list[ShardParts]:
+def shard_parts(run_dir: Path, sampling_models: Sequence[str], models: Sequence[str]) -> RunParts:
     """The files of every shard, refusing a run whose stages did not write them all."""
     folders = sample_folders(run_dir, list(sampling_models))
     names = [sorted(path.name for path in folder.glob("part-*.parquet")) for folder in folders]
@@ -140,13 +157,17 @@ def shard_parts(
                 f"{len(names[0])} sampled shards: the score stage did not finish for this "
                 "run. Re-run `entropy-pipeline run --out` on it."
             )
-    return [
-        ShardParts(
-            tuple(folder / name for folder in folders),
-            {model: scores_dir(run_dir, model) / name for model in models},
-        )
-        for name in names[0]
-    ]
+    parts = RunParts(
+        run_dir,
+        tuple(folders),
+        {model: scores_dir(run_dir, model) for model in models},
+        tuple(names[0]),
+    )
+    # Every file's schema is checked here, once; the passes then read them unchecked.
+    for shard in range(len(parts)):
+        files = [*parts.sample_parts(shard), *(parts.score_part(shard, m) for m in models)]
+        scan_checked(files, SEQUENCE_SCHEMA)
+    return parts
 
 
 def _model_scores(part: Path, tag: str, include_eos: bool) -> pl.LazyFrame:
@@ -154,7 +175,7 @@ def _model_scores(part: Path, tag: str, include_eos: bool) -> pl.LazyFrame:
     ended_by_stop = pl.col("finish_reason") == "stop"
     drop_last = ended_by_stop & (not include_eos)
     last_logprob = pl.col("token_logprobs").list.last().cast(pl.Float64)
-    return scan_checked([part], SEQUENCE_SCHEMA).select(
+    return pl.scan_parquet(part).select(
         *(pl.col(key).alias(f"{key}_{tag}") for key in KEYS),
         pl.col("S").alias(f"S_full_{tag}"),
         pl.col("L").alias(f"L_full_{tag}"),
@@ -174,7 +195,7 @@ class PairedShards:
     ``stratum`` = sample_idx // ``num_samples`` is the sampling model's index.
     """
 
-    parts: list[ShardParts]
+    parts: RunParts
     reference: str
     candidate: str
     include_eos: bool
@@ -188,11 +209,12 @@ class PairedShards:
     def num_sequences(self) -> int:
         """N, from the Parquet footers of the samples (no data read)."""
         return sum(
-            pq.ParquetFile(path).metadata.num_rows for part in self.parts for path in part.samples
+            pq.ParquetFile(path).metadata.num_rows
+            for shard in range(len(self.parts))
+            for path in self.parts.sample_parts(shard)
         )
 
     def _lazy(self, shard: int) -> pl.LazyFrame:
-        parts = self.parts[shard]
         models = list(dict.fromkeys([self.reference, self.candidate, *self.sampling_models]))
         tags = {model: str(i) for i, model in enumerate(models)}
         aligned = pl.lit(True)
@@ -206,8 +228,11 @@ class PairedShards:
         # this is its S_full exactly (top + log 1 - log 1).
         log_q = top + pl.sum_horizontal([(s - top).exp() for s in proposal]).log()
         log_q = log_q - math.log(len(self.sampling_models))
-        sampled = scan_checked(list(parts.samples), SEQUENCE_SCHEMA).select(KEYS)
-        scores = [_model_scores(parts.scores[m], tag, self.include_eos) for m, tag in tags.items()]
+        sampled = pl.scan_parquet(self.parts.sample_parts(shard)).select(KEYS)
+        scores = [
+            _model_scores(self.parts.score_part(shard, m), tag, self.include_eos)
+            for m, tag in tags.items()
+        ]
         return pl.concat([sampled, *scores], how="horizontal").select(
             *KEYS,
             aligned=aligned.fill_null(False),
@@ -282,52 +307,70 @@ def generation_diagnostics(
     """Length and stop statistics of the samples, and the decode-vs-prefill mismatch.
 
     ``max_abs_decode_vs_prefill_logprob_diff`` is the largest |decode-time log-prob -
-    teacher-forced log-prob under the model that sampled the token|, in nats. Prompts
-    are counted shard by shard (a prompt's samples are all in one shard).
+    teacher-forced log-prob under the model that sampled the token|, in nats. Read
+    ``_SHARDS_PER_QUERY`` shards at a time (Polars keeps some state per file it scans)
+    and added up; prompts are counted shard by shard (a prompt's samples are all in one
+    shard).
     """
-    samples = scan_samples(run_dir, list(sampling_models))
-    prefills = [
-        scan(scores_dir(run_dir, model), SEQUENCE_SCHEMA).select(
-            pl.col("token_logprobs").alias(f"prefill_{m}")
-        )
-        for m, model in enumerate(sampling_models)
-    ]
+    parts = shard_parts(run_dir, sampling_models, sampling_models)
+    counts = dict.fromkeys(("num_prompts", "num_sequences", "tokens", "stop", "length"), 0)
+    largest_diff: float | None = None
     model = pl.col("sample_idx") // num_samples
     prefill = pl.col("prefill_0")
     for m in range(1, len(sampling_models)):
         prefill = pl.when(model == m).then(pl.col(f"prefill_{m}")).otherwise(prefill)
-    # Row for row, as in PairedShards (which checks that the keys line up).
-    per_token = pl.concat(
-        [samples.select("sample_idx", pl.col("token_logprobs").alias("decode")), *prefills],
-        how="horizontal",
-    ).select(
-        (pl.col("decode") - prefill)
-        .list.eval(pl.element().abs())
-        .list.max()
-        .max()
-        .cast(pl.Float64)
-        .alias("diff")
-    )
-    row = (
-        samples.select(
-            num_sequences=pl.len(),
-            avg_gen_length=pl.col("L").mean(),
-            fraction_ended_by_eos=(pl.col("finish_reason") == "stop").mean(),
-            fraction_ended_by_length=(pl.col("finish_reason") == "length").mean(),
+    for start in range(0, len(parts), _SHARDS_PER_QUERY):
+        shards = range(start, min(start + _SHARDS_PER_QUERY, len(parts)))
+        samples = pl.scan_parquet([path for k in shards for path in parts.sample_parts(k)])
+        prefills = [
+            pl.scan_parquet([parts.score_part(k, sampler) for k in shards]).select(
+                pl.col("token_logprobs").alias(f"prefill_{m}")
+            )
+            for m, sampler in enumerate(sampling_models)
+        ]
+        # Row for row, as in PairedShards (which checks that the keys line up).
+        diff = (
+            pl.concat(
+                [samples.select("sample_idx", pl.col("token_logprobs").alias("decode")), *prefills],
+                how="horizontal",
+            )
+            .select(
+                (pl.col("decode") - prefill)
+                .list.eval(pl.element().abs())
+                .list.max()
+                .max()
+                .cast(pl.Float64)
+            )
+            .collect(engine="streaming")
+            .item()
         )
-        .collect(engine="streaming")
-        .row(0, named=True)
-    )
-    first_sampler = sample_folders(run_dir, list(sampling_models))[0]
-    row = {
-        "num_prompts": sum(
+        if diff is not None:
+            largest_diff = diff if largest_diff is None else max(largest_diff, diff)
+        row = (
+            samples.select(
+                num_sequences=pl.len(),
+                tokens=pl.col("L").sum(),
+                stop=(pl.col("finish_reason") == "stop").sum(),
+                length=(pl.col("finish_reason") == "length").sum(),
+            )
+            .collect(engine="streaming")
+            .row(0, named=True)
+        )
+        for key, value in row.items():
+            counts[key] += value
+        counts["num_prompts"] += sum(
             pc.count_distinct(pq.read_table(part, columns=["prompt_id"])["prompt_id"]).as_py()
-            for part in sorted(first_sampler.glob("part-*.parquet"))
-        ),
-        **row,
+            for part in (parts.sample_parts(k)[0] for k in shards)
+        )
+    n = counts["num_sequences"]
+    return {
+        "num_prompts": counts["num_prompts"],
+        "num_sequences": n,
+        "avg_gen_length": counts["tokens"] / n if n else None,
+        "fraction_ended_by_eos": counts["stop"] / n if n else None,
+        "fraction_ended_by_length": counts["length"] / n if n else None,
+        "max_abs_decode_vs_prefill_logprob_diff": largest_diff,
     }
-    row["max_abs_decode_vs_prefill_logprob_diff"] = per_token.collect(engine="streaming").item()
-    return row
 
 
 def _interval_keys(intervals: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -370,7 +413,8 @@ def largest_changes(frame: pl.DataFrame, count: int = TOP_PROMPTS) -> pl.DataFra
             "delta_H_se_nats",
             z=pl.col("delta_H_nats") / pl.col("delta_H_se_nats"),
         ).filter(pl.col("z").is_finite())
-    return frame.sort(pl.col("z").abs(), descending=True, maintain_order=True).head(count)
+    top = frame.top_k(count, by=pl.col("z").abs())
+    return top.sort(pl.col("z").abs(), "prompt_id", descending=[True, False])
 
 
 def _spilled(spill: IO[bytes]) -> Iterator[np.ndarray]:
@@ -391,15 +435,17 @@ def candidate_summary(
     entropy, weights, uncertainty = config.entropy, config.weights, config.uncertainty
     unit, num_sequences = entropy.unit, shards.num_sequences
     # Pass 1: the raw log-weights (and the checks of keys and finiteness).
-    scan = LogWeightScan(num_sequences)
+    log_weights = LogWeightScan(num_sequences)
     w0_max, shard_prompts = -math.inf, []
     for shard in range(len(shards)):
         frame = shards.log_weights(shard)
         shard_prompts.append(frame["prompt_id"].n_unique())
         if frame.height:
-            scan.add(frame["log_w1"].to_numpy())
+            log_weights.add(frame["log_w1"].to_numpy())
             w0_max = max(w0_max, float(frame["log_w0"].max()))  # type: ignore[arg-type]
-    stabiliser, diagnostics, warnings = fit_stabiliser(scan, weights.mode, weights.clip_threshold)
+    stabiliser, diagnostics, warnings = fit_stabiliser(
+        log_weights, weights.mode, weights.clip_threshold
+    )
     run_max = {"w0": w0_max, "w1": stabiliser.stabilised_max}
     # Pass 2: each shard's per-prompt sums, added into run totals.
     names, interval_names = atoms_needed(), atoms_needed(INTERVAL_ESTIMATES)
@@ -410,10 +456,11 @@ def candidate_summary(
         if uncertainty.estimand == "population" and sum(shard_prompts) >= 2
         else None
     )
-    weight_totals = WeightTotals(scan.max, stabiliser.stabilised_max)
+    weight_totals = WeightTotals(log_weights.max, stabiliser.stabilised_max)
     shape, clipped, position = SampleShape(0, num_sequences, num_sequences), 0, 0
     top = pl.DataFrame()
-    with tempfile.TemporaryFile() as prompt_ess_spill:
+    # On the run's disk: a temporary folder may be memory (tmpfs).
+    with tempfile.TemporaryFile(dir=shards.parts.run_dir) as prompt_ess_spill:
         for shard in range(len(shards)):
             frame = shards.frame(shard)
             if not frame.height:
@@ -437,10 +484,12 @@ def candidate_summary(
             top = largest_changes(pl.concat([top, largest_changes(pl.from_arrow(table))]))
             shape = shape.combine(seqs.shape)
         prompt_ess_quantiles = exact_quantiles(
-            lambda: _spilled(prompt_ess_spill), PROMPT_ESS_QUANTILES
+            lambda: _spilled(prompt_ess_spill), PROMPT_ESS_QUANTILES, max_gathered=_MAX_GATHERED
         )
     log_weight_quantiles = exact_quantiles(
-        lambda: (shards.raw_log_w1(shard) for shard in range(len(shards))), LOG_WEIGHT_QUANTILES
+        lambda: (shards.raw_log_w1(shard) for shard in range(len(shards))),
+        LOG_WEIGHT_QUANTILES,
+        max_gathered=_MAX_GATHERED,
     )
     means = means_from_totals(names, totals)
     values = {k: float(v) for k, v in estimates_from_means(means, unit).items()}

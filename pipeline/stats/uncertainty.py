@@ -188,7 +188,9 @@ def stratum_scatter(seqs: Sequences, names: Sequence[str]) -> np.ndarray:
             mean = np.bincount(seqs.stratum, weights=values[:, j], minlength=len(size)) / size
             values[:, j] -= mean[seqs.stratum]
         factor = (size / (size - 1.0))[seqs.stratum]
-        return values.T @ (values * factor[:, None])
+        # einsum, not BLAS: a threaded BLAS call on a matrix this small waits tens of
+        # milliseconds for its threads on a busy machine, once per shard.
+        return np.einsum("ia,ib->ab", values, values * factor[:, None])
 
 
 def prompt_set_standard_errors(
@@ -302,7 +304,7 @@ class ClusterBootstrap:
             rows = slice(start, min(start + chunk, replicates))
             # How often each of the shard's prompts is drawn in each replicate.
             counts = rng.multinomial(self._draws[rows, shard], uniform)
-            self._totals[rows] += counts.astype(np.float64) @ matrix
+            self._totals[rows] += np.einsum("rq,qa->ra", counts.astype(np.float64), matrix)
 
     def intervals(self, level: float) -> dict[str, dict[str, float]]:
         """SE and percentile interval of each estimate (nats); NaN where undefined."""
