@@ -7,6 +7,7 @@ import errno
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import pipeline.artifacts
@@ -103,11 +104,11 @@ def test_a_table_write_that_fails_names_its_file_and_leaves_nothing(
 ) -> None:
     """pyarrow's errors name no file; the one-line report must."""
 
-    def full_disk(table: pa.Table, where: Path, **_: object) -> None:
-        Path(where).write_bytes(b"PAR1 half")
+    def full_disk(writer: pq.ParquetWriter, table: pa.Table, **_: object) -> None:
+        # The temporary file exists (the writer opened it) and holds a header.
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pipeline.artifacts.pq, "write_table", full_disk)
+    monkeypatch.setattr(pipeline.artifacts.pq.ParquetWriter, "write_table", full_disk)
     path = tmp_path / "scores" / "p1" / "part-00000.parquet"
     with pytest.raises(OSError, match="No space left on device") as caught:
         write_table(pa.table({"n": [1]}), path, {"content": "scores"})
