@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from _common import argument_parser
 
 from pipeline.artifacts import (
@@ -54,11 +53,14 @@ from pipeline.artifacts import (
     SCHEMA_VERSION,
     SEQUENCE_SCHEMA,
     library_versions,
+    part_name,
     prompts_dir,
     samples_dir,
     scores_dir,
+    write_table,
 )
 from pipeline.config import config_hash, validate_config
+from pipeline.provenance import fingerprint
 
 MAX_TOKENS = 16
 VOCAB = 32_000
@@ -136,19 +138,23 @@ def synthetic_config(samples_per_prompt: int, seed: int) -> tuple[dict[str, Any]
     return config.model_dump(mode="json"), config_hash(config)
 
 
+def stage_inputs(samples_per_prompt: int, seed: int) -> dict[str, dict[str, Any]]:
+    """Each stage's inputs, as a run's manifest records them (``verify_run`` reads them).
+
+    Their fingerprints go into every part, as the pipeline's own stages write them.
+    """
+    common = {"generator": "benchmarks/make_synthetic_run.py", "seed": seed}
+    return {
+        "prompts": {**common, "samples_per_prompt": samples_per_prompt},
+        "sample": {**common, "model": REFERENCE, "sampling model index": 0},
+        f"score/{REFERENCE}": {**common, "model": REFERENCE},
+        f"score/{CANDIDATE}": {**common, "model": CANDIDATE},
+    }
+
+
 def _write_part(table: pa.Table, folder: Path, index: int, fields: dict[str, str]) -> Path:
     """Write ``folder/part-<index>.parquet`` atomically, with the pipeline's metadata."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"part-{index:05d}.parquet"
-    metadata = {"schema_version": str(SCHEMA_VERSION), **fields}
-    table = table.replace_schema_metadata({k.encode(): v.encode() for k, v in metadata.items()})
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_table(table, folder / part_name(index), {**fields, "shard": str(index)})
 
 
 def _sequence_table(
@@ -176,7 +182,7 @@ def write_part(
     rows: int,
     samples_per_prompt: int,
     seed: int,
-    digest: str,
+    fingerprints: dict[str, str],
 ) -> int:
     """Generate and write part ``part`` (rows ``first_row ..``) of every table.
 
@@ -194,8 +200,8 @@ def write_part(
         G, sequences per prompt.
     seed : int
         Run seed; with ``part`` it seeds this part's generator.
-    digest : str
-        Config hash written into the files' metadata.
+    fingerprints : dict[str, str]
+        Each stage's fingerprint, written into its parts' metadata.
 
     Returns
     -------
@@ -232,18 +238,32 @@ def write_part(
     del scale
 
     length_array = pa.array(lengths)
-    provenance = {"config_hash": digest}
     p0 = _sequence_table(
         row_ids, sample_idx, token_ids, finish_reason, offsets, logp0, length_array
     )
     # Decode-time log-probs equal the teacher-forced p0 ones: the same table, other folder.
-    _write_part(p0, samples_dir(run_dir), part, {**provenance, "content": "samples"})
-    _write_part(p0, scores_dir(run_dir, REFERENCE), part, {**provenance, "content": "scores"})
+    _write_part(
+        p0,
+        samples_dir(run_dir),
+        part,
+        {"fingerprint": fingerprints["sample"], "content": "samples"},
+    )
+    _write_part(
+        p0,
+        scores_dir(run_dir, REFERENCE),
+        part,
+        {"fingerprint": fingerprints[f"score/{REFERENCE}"], "content": "scores"},
+    )
     del p0, logp0
     p1 = _sequence_table(
         row_ids, sample_idx, token_ids, finish_reason, offsets, logp1, length_array
     )
-    _write_part(p1, scores_dir(run_dir, CANDIDATE), part, {**provenance, "content": "scores"})
+    _write_part(
+        p1,
+        scores_dir(run_dir, CANDIDATE),
+        part,
+        {"fingerprint": fingerprints[f"score/{CANDIDATE}"], "content": "scores"},
+    )
     del p1, logp1
 
     prompt_lengths = rng.integers(4, 33, size=num_prompts, dtype=np.int32)
@@ -259,7 +279,12 @@ def write_part(
         ],
         schema=PROMPTS_SCHEMA,
     )
-    _write_part(prompts, prompts_dir(run_dir), part, {**provenance, "content": "prompts"})
+    _write_part(
+        prompts,
+        prompts_dir(run_dir),
+        part,
+        {"fingerprint": fingerprints["prompts"], "content": "prompts"},
+    )
     return tokens
 
 
@@ -298,12 +323,14 @@ def make_run(
     started = time.perf_counter()
     config, digest = synthetic_config(samples_per_prompt, seed)
     step = max(samples_per_prompt, part_rows // samples_per_prompt * samples_per_prompt)
+    inputs = stage_inputs(samples_per_prompt, seed)
+    fingerprints = {stage: fingerprint(values) for stage, values in inputs.items()}
     tokens = 0
-    parts = 0
+    shard_sizes = []
     for part, first_row in enumerate(range(0, sequences, step)):
         rows = min(step, sequences - first_row)
-        tokens += write_part(run_dir, part, first_row, rows, samples_per_prompt, seed, digest)
-        parts += 1
+        tokens += write_part(run_dir, part, first_row, rows, samples_per_prompt, seed, fingerprints)
+        shard_sizes.append(-(-rows // samples_per_prompt))
         print(
             f"part {part}: {first_row + rows}/{sequences} sequences "
             f"({time.perf_counter() - started:.1f} s)",
@@ -317,14 +344,15 @@ def make_run(
         "config_hash": digest,
         "config": config,
         "libraries": library_versions(),
-        "stages": {},
+        "inputs": inputs,
+        "stages": {"prompts": {"shard_sizes": shard_sizes}},
         "synthetic": {
             "generator": "benchmarks/make_synthetic_run.py",
             "sequences": sequences,
             "samples_per_prompt": samples_per_prompt,
             "prompts": -(-sequences // samples_per_prompt),
             "seed": seed,
-            "parts": parts,
+            "parts": len(shard_sizes),
             "tokens": tokens,
             "length_distribution": f"uniform on 1..{MAX_TOKENS}",
             "seconds": round(time.perf_counter() - started, 1),
