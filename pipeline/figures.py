@@ -25,7 +25,7 @@ bounded number of per-prompt rows. Two panels:
   labelled row each, sorted by delta H; beyond, the sorted values as a line with their
   interval band, without labels, of at most ``MAX_DRAWN_PROMPTS`` prompts: every k-th
   row of each candidate, k = ceil(prompts / ``MAX_DRAWN_PROMPTS``), read lazily. The
-  file's rows are the shards in order, prompt ids sorted within a shard, so these are
+  file's rows are the shards in order, prompt ids sorted within a batch, so these are
   the same prompts for every candidate, spread evenly over the run, and their sorted
   line traces the run's distribution of per-prompt delta H.
 

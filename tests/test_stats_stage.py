@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline.stats.summary as summary_module
 from pipeline.artifacts import SEQUENCE_SCHEMA, part_name, write_table
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import PipelineError
@@ -26,6 +27,7 @@ from pipeline.stats.summary import (
     compute_summary,
     generation_diagnostics,
     paired_frame,
+    shard_parts,
     write_summary,
 )
 from tests.conftest import DEFAULT_CONFIG
@@ -185,25 +187,34 @@ def test_population_estimand_bootstraps_prompts_and_warns_when_they_are_few(
     ],
 )
 def test_the_summary_does_not_depend_on_the_shard_layout(
-    tmp_path: Path, overrides: list[str]
+    tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The statistics are reduced shard by shard: the same sequences cut into one shard
-    or into seven (some of one prompt) give the same figures and per-prompt rows."""
+    """The statistics are reduced batch by batch: the same sequences in one shard, or
+    in seven shards (some of one prompt) read one shard at a time or a few together,
+    give the same figures and per-prompt rows."""
     sampling = ["p0", "p1"] if "sampling.models=[p0, p1]" in overrides else ["p0"]
     config = _config("sampling.num_samples=4", *overrides)
     found = {}
-    for shards in (1, 7):
-        run_dir = write_run(tmp_path / str(shards), ["p0", "p1"], sampling, 12, 4, shards=shards)
+    # Shards of 1, 2, 2, 1, 2, 2, 2 prompts; batches of at least 20 rows: shards 0-2,
+    # 3-5 and 6 (4 rows a prompt), or 0-1, 2-3, 4-5 and 6 (8 rows, two sampling models).
+    layouts = {(1, summary_module.STATS_BATCH_ROWS): 1, (7, 1): 7, (7, 20): 2 + len(sampling)}
+    for (shards, batch_rows), batches in layouts.items():
+        monkeypatch.setattr(summary_module, "STATS_BATCH_ROWS", batch_rows)
+        run_dir = write_run(
+            tmp_path / f"{shards}-{batch_rows}", ["p0", "p1"], sampling, 12, 4, shards=shards
+        )
+        assert len(shard_parts(run_dir, sampling, ["p0", "p1"])) == batches
         summary = compute_summary(run_dir, config)
         rows = pl.read_parquet(run_dir / PER_PROMPT_PARQUET).sort("prompt_id")
-        found[shards] = summary["candidates"]["p1"], rows
-    (one, one_rows), (seven, seven_rows) = found[1], found[7]
+        found[shards, batch_rows] = summary["candidates"]["p1"], rows
+    (one, one_rows), *others = found.values()
     assert one["weights_mode"] == config.weights.mode
     if config.weights.mode == "psis":
         assert one["pareto_k"] is not None
-    for key, value in one.items():
-        if isinstance(value, float):
-            assert seven[key] == pytest.approx(value, rel=1e-12, abs=1e-14), key
-        else:
-            assert seven[key] == value, key
-    assert seven_rows.equals(one_rows)
+    for other, other_rows in others:
+        for key, value in one.items():
+            if isinstance(value, float):
+                assert other[key] == pytest.approx(value, rel=1e-12, abs=1e-14), key
+            else:
+                assert other[key] == value, key
+        assert other_rows.equals(one_rows)

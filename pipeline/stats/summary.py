@@ -106,33 +106,58 @@ TOP_PROMPTS = 5
 _SPILL_CHUNK = 1 << 20
 # Values an exact quantile may gather in memory (``exact_quantiles``' max_gathered).
 _MAX_GATHERED = 1 << 16
-# Shards read by one query of ``generation_diagnostics``.
-_SHARDS_PER_QUERY = 64
+# Sequences the statistics read at a time (whole shards; see ``RunParts``).
+STATS_BATCH_ROWS = 16_384
 
 
 @dataclass(frozen=True)
 class RunParts:
-    """Where every shard's files are: one name per shard, the same in every folder.
+    """Where every shard's files are, read in batches of consecutive shards.
 
     ``samples`` holds each sampling model's samples folder (in order), ``scores`` each
-    model's scores folder. Only the part names are kept per shard (a few bytes).
+    model's scores folder, ``names`` the part names (the same in every folder), and
+    ``batches`` the (first, stop) shard ranges the statistics read at a time: whole
+    shards of about ``STATS_BATCH_ROWS`` sequences, so that per-query costs are paid
+    once per batch while memory stays bounded by the batch.
     """
 
     run_dir: Path
     samples: tuple[Path, ...]
     scores: Mapping[str, Path]
     names: tuple[str, ...]
+    batches: tuple[tuple[int, int], ...]
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.batches)
 
-    def sample_parts(self, shard: int) -> list[Path]:
-        """Shard ``shard``'s samples parts, one per sampling model."""
-        return [folder / self.names[shard] for folder in self.samples]
+    def _names(self, batch: int) -> tuple[str, ...]:
+        first, stop = self.batches[batch]
+        return self.names[first:stop]
 
-    def score_part(self, shard: int, model: str) -> Path:
-        """Shard ``shard``'s scores part under ``model``."""
-        return self.scores[model] / self.names[shard]
+    def sample_parts(self, batch: int) -> list[Path]:
+        """The batch's samples parts: shard by shard, each sampling model's part."""
+        return [folder / name for name in self._names(batch) for folder in self.samples]
+
+    def first_sampler_parts(self, batch: int) -> list[Path]:
+        """The batch's samples parts of the first sampling model."""
+        return [self.samples[0] / name for name in self._names(batch)]
+
+    def score_parts(self, batch: int, model: str) -> list[Path]:
+        """The batch's scores parts under ``model``, shard by shard."""
+        return [self.scores[model] / name for name in self._names(batch)]
+
+
+def _batches(rows: Sequence[int], batch_rows: int) -> tuple[tuple[int, int], ...]:
+    """Consecutive shard ranges of at least ``batch_rows`` rows (the last may be short)."""
+    batches, first, total = [], 0, 0
+    for shard, count in enumerate(rows):
+        total += count
+        if total >= batch_rows:
+            batches.append((first, shard + 1))
+            first, total = shard + 1, 0
+    if first < len(rows):
+        batches.append((first, len(rows)))
+    return tuple(batches)
 
 
 def shard_parts(run_dir: Path, sampling_models: Sequence[str], models: Sequence[str]) -> RunParts:
@@ -157,25 +182,29 @@ def shard_parts(run_dir: Path, sampling_models: Sequence[str], models: Sequence[
                 f"{len(names[0])} sampled shards: the score stage did not finish for this "
                 "run. Re-run `entropy-pipeline run --out` on it."
             )
-    parts = RunParts(
+    rows = []
+    for name in names[0]:
+        shard_files = [folder / name for folder in folders]
+        # Every file's schema is checked here, once; the passes then read them unchecked.
+        scan_checked(
+            [*shard_files, *(scores_dir(run_dir, m) / name for m in models)], SEQUENCE_SCHEMA
+        )
+        rows.append(sum(pq.ParquetFile(path).metadata.num_rows for path in shard_files))
+    return RunParts(
         run_dir,
         tuple(folders),
         {model: scores_dir(run_dir, model) for model in models},
         tuple(names[0]),
+        _batches(rows, STATS_BATCH_ROWS),
     )
-    # Every file's schema is checked here, once; the passes then read them unchecked.
-    for shard in range(len(parts)):
-        files = [*parts.sample_parts(shard), *(parts.score_part(shard, m) for m in models)]
-        scan_checked(files, SEQUENCE_SCHEMA)
-    return parts
 
 
-def _model_scores(part: Path, tag: str, include_eos: bool) -> pl.LazyFrame:
+def _model_scores(parts: list[Path], tag: str, include_eos: bool) -> pl.LazyFrame:
     """Keys, full-sequence sum and length, and integrand sum and length of one model."""
     ended_by_stop = pl.col("finish_reason") == "stop"
     drop_last = ended_by_stop & (not include_eos)
     last_logprob = pl.col("token_logprobs").list.last().cast(pl.Float64)
-    return pl.scan_parquet(part).select(
+    return pl.scan_parquet(parts).select(
         *(pl.col(key).alias(f"{key}_{tag}") for key in KEYS),
         pl.col("S").alias(f"S_full_{tag}"),
         pl.col("L").alias(f"L_full_{tag}"),
@@ -186,7 +215,7 @@ def _model_scores(part: Path, tag: str, include_eos: bool) -> pl.LazyFrame:
 
 @dataclass(frozen=True)
 class PairedShards:
-    """The paired frame of one candidate, one shard at a time.
+    """The paired frame of one candidate, one batch of shards at a time (``RunParts``).
 
     The score stage writes each model's shard row for row in the order of the samples
     shard, so the tables are put side by side instead of joined (a join on the string
@@ -210,11 +239,11 @@ class PairedShards:
         """N, from the Parquet footers of the samples (no data read)."""
         return sum(
             pq.ParquetFile(path).metadata.num_rows
-            for shard in range(len(self.parts))
-            for path in self.parts.sample_parts(shard)
+            for batch in range(len(self.parts))
+            for path in self.parts.sample_parts(batch)
         )
 
-    def _lazy(self, shard: int) -> pl.LazyFrame:
+    def _lazy(self, batch: int) -> pl.LazyFrame:
         models = list(dict.fromkeys([self.reference, self.candidate, *self.sampling_models]))
         tags = {model: str(i) for i, model in enumerate(models)}
         aligned = pl.lit(True)
@@ -228,9 +257,9 @@ class PairedShards:
         # this is its S_full exactly (top + log 1 - log 1).
         log_q = top + pl.sum_horizontal([(s - top).exp() for s in proposal]).log()
         log_q = log_q - math.log(len(self.sampling_models))
-        sampled = pl.scan_parquet(self.parts.sample_parts(shard)).select(KEYS)
+        sampled = pl.scan_parquet(self.parts.sample_parts(batch)).select(KEYS)
         scores = [
-            _model_scores(self.parts.score_part(shard, m), tag, self.include_eos)
+            _model_scores(self.parts.score_parts(batch, m), tag, self.include_eos)
             for m, tag in tags.items()
         ]
         return pl.concat([sampled, *scores], how="horizontal").select(
@@ -261,19 +290,19 @@ class PairedShards:
             )
         return found.drop("aligned")
 
-    def frame(self, shard: int) -> pl.DataFrame:
-        """One row per sequence of the shard: the columns of ``pipeline.stats.estimators``."""
-        return self._checked(self._lazy(shard))
+    def frame(self, batch: int) -> pl.DataFrame:
+        """One row per sequence of the batch: the columns of ``pipeline.stats.estimators``."""
+        return self._checked(self._lazy(batch))
 
-    def log_weights(self, shard: int) -> pl.DataFrame:
-        """Keys, d and the raw log-weights of the shard, checked (no per-token column read)."""
-        frame = self._checked(self._lazy(shard).select(*KEYS, "aligned", "d", "log_w0", "log_w1"))
+    def log_weights(self, batch: int) -> pl.DataFrame:
+        """Keys, d and the raw log-weights of the batch, checked (no per-token column read)."""
+        frame = self._checked(self._lazy(batch).select(*KEYS, "aligned", "d", "log_w0", "log_w1"))
         check_finite(frame)
         return frame
 
-    def raw_log_w1(self, shard: int) -> np.ndarray:
-        """The shard's raw log-weights of the candidate alone (for re-reading passes)."""
-        return self._lazy(shard).select("log_w1").collect()["log_w1"].to_numpy()
+    def raw_log_w1(self, batch: int) -> np.ndarray:
+        """The batch's raw log-weights of the candidate alone (for re-reading passes)."""
+        return self._lazy(batch).select("log_w1").collect()["log_w1"].to_numpy()
 
 
 def paired_frame(
@@ -307,10 +336,9 @@ def generation_diagnostics(
     """Length and stop statistics of the samples, and the decode-vs-prefill mismatch.
 
     ``max_abs_decode_vs_prefill_logprob_diff`` is the largest |decode-time log-prob -
-    teacher-forced log-prob under the model that sampled the token|, in nats. Read
-    ``_SHARDS_PER_QUERY`` shards at a time (Polars keeps some state per file it scans)
-    and added up; prompts are counted shard by shard (a prompt's samples are all in one
-    shard).
+    teacher-forced log-prob under the model that sampled the token|, in nats. Read a
+    batch of shards at a time (``RunParts``) and added up; prompts are counted shard by
+    shard (a prompt's samples are all in one shard).
     """
     parts = shard_parts(run_dir, sampling_models, sampling_models)
     counts = dict.fromkeys(("num_prompts", "num_sequences", "tokens", "stop", "length"), 0)
@@ -319,11 +347,10 @@ def generation_diagnostics(
     prefill = pl.col("prefill_0")
     for m in range(1, len(sampling_models)):
         prefill = pl.when(model == m).then(pl.col(f"prefill_{m}")).otherwise(prefill)
-    for start in range(0, len(parts), _SHARDS_PER_QUERY):
-        shards = range(start, min(start + _SHARDS_PER_QUERY, len(parts)))
-        samples = pl.scan_parquet([path for k in shards for path in parts.sample_parts(k)])
+    for batch in range(len(parts)):
+        samples = pl.scan_parquet(parts.sample_parts(batch))
         prefills = [
-            pl.scan_parquet([parts.score_part(k, sampler) for k in shards]).select(
+            pl.scan_parquet(parts.score_parts(batch, sampler)).select(
                 pl.col("token_logprobs").alias(f"prefill_{m}")
             )
             for m, sampler in enumerate(sampling_models)
@@ -360,7 +387,7 @@ def generation_diagnostics(
             counts[key] += value
         counts["num_prompts"] += sum(
             pc.count_distinct(pq.read_table(part, columns=["prompt_id"])["prompt_id"]).as_py()
-            for part in (parts.sample_parts(k)[0] for k in shards)
+            for part in parts.first_sampler_parts(batch)
         )
     n = counts["num_sequences"]
     return {
@@ -427,19 +454,20 @@ def _spilled(spill: IO[bytes]) -> Iterator[np.ndarray]:
 def candidate_summary(
     shards: PairedShards, config: RunConfig, write_per_prompt: Callable[[pa.Table], None]
 ) -> dict[str, Any]:
-    """Estimates, intervals, diagnostics and warnings of one candidate, shard by shard.
+    """Estimates, intervals, diagnostics and warnings of one candidate, batch by batch.
 
-    The keys are ``registry.candidate_keys()``, in that order. Each shard's per-prompt
-    rows go to ``write_per_prompt`` as they are computed.
+    The keys are ``registry.candidate_keys()``, in that order. Each batch's per-prompt
+    rows (batches of whole shards, see ``RunParts``) go to ``write_per_prompt`` as they
+    are computed.
     """
     entropy, weights, uncertainty = config.entropy, config.weights, config.uncertainty
     unit, num_sequences = entropy.unit, shards.num_sequences
     # Pass 1: the raw log-weights (and the checks of keys and finiteness).
     log_weights = LogWeightScan(num_sequences)
-    w0_max, shard_prompts = -math.inf, []
-    for shard in range(len(shards)):
-        frame = shards.log_weights(shard)
-        shard_prompts.append(frame["prompt_id"].n_unique())
+    w0_max, batch_prompts = -math.inf, []
+    for batch in range(len(shards)):
+        frame = shards.log_weights(batch)
+        batch_prompts.append(frame["prompt_id"].n_unique())
         if frame.height:
             log_weights.add(frame["log_w1"].to_numpy())
             w0_max = max(w0_max, float(frame["log_w0"].max()))  # type: ignore[arg-type]
@@ -447,13 +475,13 @@ def candidate_summary(
         log_weights, weights.mode, weights.clip_threshold
     )
     run_max = {"w0": w0_max, "w1": stabiliser.stabilised_max}
-    # Pass 2: each shard's per-prompt sums, added into run totals.
+    # Pass 2: each batch's per-prompt sums, added into run totals.
     names, interval_names = atoms_needed(), atoms_needed(INTERVAL_ESTIMATES)
     totals = np.zeros(len(names))
     scatter = np.zeros((len(interval_names), len(interval_names)))
     bootstrap = (
-        ClusterBootstrap(shard_prompts, unit, uncertainty.replicates, uncertainty.seed)
-        if uncertainty.estimand == "population" and sum(shard_prompts) >= 2
+        ClusterBootstrap(batch_prompts, unit, uncertainty.replicates, uncertainty.seed)
+        if uncertainty.estimand == "population" and sum(batch_prompts) >= 2
         else None
     )
     weight_totals = WeightTotals(log_weights.max, stabiliser.stabilised_max)
@@ -461,8 +489,8 @@ def candidate_summary(
     top = pl.DataFrame()
     # On the run's disk: a temporary folder may be memory (tmpfs).
     with tempfile.TemporaryFile(dir=shards.parts.run_dir) as prompt_ess_spill:
-        for shard in range(len(shards)):
-            frame = shards.frame(shard)
+        for batch in range(len(shards)):
+            frame = shards.frame(batch)
             if not frame.height:
                 continue
             log_w1 = frame["log_w1"].to_numpy()
@@ -476,7 +504,7 @@ def candidate_summary(
             if uncertainty.estimand == "prompt_set":
                 scatter += stratum_scatter(seqs, interval_names)
             if bootstrap is not None:
-                bootstrap.add(shard, sums)
+                bootstrap.add(batch, sums)
             prompt_ess = weight_totals.add(seqs)
             prompt_ess_spill.write(prompt_ess.tobytes())
             table = per_prompt_table(seqs, sums, unit, shards.candidate, prompt_ess)
@@ -487,7 +515,7 @@ def candidate_summary(
             lambda: _spilled(prompt_ess_spill), PROMPT_ESS_QUANTILES, max_gathered=_MAX_GATHERED
         )
     log_weight_quantiles = exact_quantiles(
-        lambda: (shards.raw_log_w1(shard) for shard in range(len(shards))),
+        lambda: (shards.raw_log_w1(batch) for batch in range(len(shards))),
         LOG_WEIGHT_QUANTILES,
         max_gathered=_MAX_GATHERED,
     )
