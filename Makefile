@@ -27,8 +27,11 @@ demo: $(STAMP)
 	$(BIN)/entropy-pipeline run && \
 	echo "demo took $$(( $$(date +%s) - start )) s (environment already set up)"
 
+# Two workers (pytest-xdist): an engine test keeps about one core busy, so two of them
+# run side by side on two cores; a module stays on one worker (--dist loadscope), so its
+# shared runs and its Ray instance are made once.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not engine and not slow"
