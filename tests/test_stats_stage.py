@@ -5,6 +5,9 @@ for sampling from the reference alone and from a mixture of models."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +221,29 @@ def test_the_summary_does_not_depend_on_the_shard_layout(
             else:
                 assert other[key] == value, key
         assert other_rows.equals(one_rows)
+
+
+@pytest.mark.slow
+def test_the_summary_is_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """Two processes (other string hash seeds) compute the same summary to the last bit:
+    nothing in the statistics may depend on the iteration order of a set."""
+    run_dir = write_run(tmp_path, ["p0", "p1"], ["p0", "p1"], prompts=8, per_model=4)
+    script = (
+        "import json, sys; from pathlib import Path; "
+        "from pipeline.config import load_config; "
+        "from pipeline.stats.summary import compute_summary; "
+        "config = load_config(Path(sys.argv[1]), ['sampling.num_samples=4', "
+        "'sampling.models=[p0, p1]']); "
+        "print(json.dumps(compute_summary(Path(sys.argv[2]), config), sort_keys=True))"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(DEFAULT_CONFIG), str(run_dir)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    ]
+    assert outputs[0] == outputs[1] == outputs[2]

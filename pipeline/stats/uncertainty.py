@@ -71,7 +71,10 @@ INTERVAL_ESTIMATES = tuple(e for e in ESTIMATES if e.interval)
 
 
 def _gradient(a: dict[str, Any], ca: Any, b: dict[str, Any], cb: Any) -> dict[str, Any]:
-    return {k: ca * a.get(k, 0.0) + cb * b.get(k, 0.0) for k in a.keys() | b.keys()}
+    # Keys in a fixed order (a's, then b's new ones), never a set's: influence values sum
+    # the gradient's terms in this order, and a set's order changes with the process's
+    # string hash seed, which changed the last digits of the errors from run to run.
+    return {k: ca * a.get(k, 0.0) + cb * b.get(k, 0.0) for k in dict.fromkeys([*a, *b])}
 
 
 class Linearised:
