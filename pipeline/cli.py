@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -226,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit status: 0 success, 2 input error (config, prompts, models, run directory,
     options), 1 environment error (full disk, permissions) or an unexpected error,
-    130 interrupted. Every error is one line on stderr; ``--debug`` adds the traceback.
+    130 interrupted, 141 the reader of the output went away (``| head``: quietly, as
+    command-line tools do). Every error is one line on stderr; ``--debug`` adds the
+    traceback.
     """
     args = _parser().parse_args(argv)
     configure_terminal(verbose=args.verbose)
@@ -235,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nentropy-pipeline: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit; pointed at /dev/null, that flush
+        # cannot fail again with a second, noisier error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as err:  # every error ends as one line and an exit status
         return _report_error(err, args.debug)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -184,3 +187,21 @@ def test_reference_reaches_the_terminal(capsys: pytest.CaptureFixture[str]) -> N
             assert shown_text in text, (command, shown_text)
         for prefix in hidden:
             assert f"  {prefix}" not in text, (command, prefix)
+
+
+def test_config_into_a_closed_pipe_stops_quietly() -> None:
+    """`entropy-pipeline config | head -1`: the reader goes away, and the command stops
+    with status 141 (as command-line tools do) and nothing on stderr, not an error."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into the pipe now fails with EPIPE
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", "config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (141, "")
