@@ -388,8 +388,11 @@ def write_results(
             "### Steps of the Polars stats stage",
             "",
             "One more process, `benchmarks/profile_stats.py RUN_DIR --replicates "
-            f"{args.replicates}`, runs the steps of `compute_summary` one by one (RSS "
-            "sampled every 20 ms, so the peaks are lower bounds):",
+            f"{args.replicates}`, runs `verify_run` and one `compute_summary` "
+            "(uncertainty.estimand=population) with the pipeline's functions wrapped to "
+            "time each phase and the calls in it (RSS sampled every 20 ms and at each "
+            "wrapped call, so the peaks are lower bounds; the overall peak also from the "
+            "kernel's VmHWM):",
             "",
             profile.strip(),
             "",
@@ -473,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="after the timed runs, time each step of the stats stage once "
+        help="after the timed runs, time each phase of the stats stage once "
         "(profile_stats.py; default on)",
     )
     args = parser.parse_args(argv)
