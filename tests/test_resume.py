@@ -327,12 +327,20 @@ def test_adding_a_candidate_scores_only_that_candidate(uninterrupted: Path, tmp_
     assert summary["candidates"]["p1"] == reference["candidates"]["p1"]
 
 
-def test_model_folder_vanishing_mid_run(uninterrupted: Path, tmp_path: Path) -> None:
+def _start_sampling_with_own_p1(
+    tmp_path: Path,
+) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """A run whose candidate is a private copy of p1, once its first shard is sampled."""
     p1_copy = tmp_path / "p1"
     shutil.copytree(TINY_P1, p1_copy)
     run_dir = tmp_path / "run"
     process = _start(run_dir, f"models.p1.path={p1_copy}")
     _wait_for(process, run_dir / "samples" / "part-00000.parquet")
+    return p1_copy, run_dir, process
+
+
+def test_model_folder_vanishing_mid_run(uninterrupted: Path, tmp_path: Path) -> None:
+    p1_copy, run_dir, process = _start_sampling_with_own_p1(tmp_path)
     shutil.move(p1_copy, tmp_path / "moved-away")
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 2, stderr
@@ -496,11 +504,7 @@ def test_run_again_with_other_statistics_options_recomputes_them(
 
 def test_a_model_changed_mid_run_stops_it(uninterrupted: Path, tmp_path: Path) -> None:
     """p1's weights replaced by p0's while p0 samples (same size, same modification time)."""
-    p1_copy = tmp_path / "p1"
-    shutil.copytree(TINY_P1, p1_copy)
-    run_dir = tmp_path / "run"
-    process = _start(run_dir, f"models.p1.path={p1_copy}")
-    _wait_for(process, run_dir / "samples" / "part-00000.parquet")
+    p1_copy, run_dir, process = _start_sampling_with_own_p1(tmp_path)
     weights = p1_copy / "model.safetensors"
     kept = weights.stat()
     shutil.copy2(TINY_P0 / "model.safetensors", weights)

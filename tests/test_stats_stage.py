@@ -70,7 +70,9 @@ def test_mixture_log_weights_use_the_balance_heuristic(tmp_path: Path) -> None:
 
 def test_decode_diagnostic_compares_with_the_model_that_sampled(tmp_path: Path) -> None:
     run_dir = write_run(tmp_path, ["p0", "p1"], ["p0", "p1"], prompts=2, per_model=2)
-    diagnostics = generation_diagnostics(run_dir, ["p0", "p1"], 2)
+    diagnostics = generation_diagnostics(
+        shard_parts(run_dir, ["p0", "p1"], ["p0", "p1"]), ["p0", "p1"], 2
+    )
     assert diagnostics["max_abs_decode_vs_prefill_logprob_diff"] == 0.0
     # Move one decode-time log-prob of a p1 sample by 0.5: exactly that is seen (p0's
     # scores of p1's samples differ from p1's everywhere).
@@ -78,7 +80,9 @@ def test_decode_diagnostic_compares_with_the_model_that_sampled(tmp_path: Path) 
     rows = pq.read_table(path).to_pylist()
     rows[0]["token_logprobs"][0] += 0.5
     write_table(pa.Table.from_pylist(rows, schema=SEQUENCE_SCHEMA), path, {"content": "x"})
-    diagnostics = generation_diagnostics(run_dir, ["p0", "p1"], 2)
+    diagnostics = generation_diagnostics(
+        shard_parts(run_dir, ["p0", "p1"], ["p0", "p1"]), ["p0", "p1"], 2
+    )
     assert diagnostics["max_abs_decode_vs_prefill_logprob_diff"] == pytest.approx(0.5, abs=1e-6)
 
 

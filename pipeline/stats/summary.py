@@ -43,7 +43,6 @@ from typing import IO, Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.artifacts import (
@@ -126,6 +125,7 @@ class RunParts:
     scores: Mapping[str, Path]
     names: tuple[str, ...]
     batches: tuple[tuple[int, int], ...]
+    num_sequences: int
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -137,10 +137,6 @@ class RunParts:
     def sample_parts(self, batch: int) -> list[Path]:
         """The batch's samples parts: shard by shard, each sampling model's part."""
         return [folder / name for name in self._names(batch) for folder in self.samples]
-
-    def first_sampler_parts(self, batch: int) -> list[Path]:
-        """The batch's samples parts of the first sampling model."""
-        return [self.samples[0] / name for name in self._names(batch)]
 
     def score_parts(self, batch: int, model: str) -> list[Path]:
         """The batch's scores parts under ``model``, shard by shard."""
@@ -196,6 +192,7 @@ def shard_parts(run_dir: Path, sampling_models: Sequence[str], models: Sequence[
         {model: scores_dir(run_dir, model) for model in models},
         tuple(names[0]),
         _batches(rows, STATS_BATCH_ROWS),
+        sum(rows),
     )
 
 
@@ -236,12 +233,8 @@ class PairedShards:
 
     @property
     def num_sequences(self) -> int:
-        """N, from the Parquet footers of the samples (no data read)."""
-        return sum(
-            pq.ParquetFile(path).metadata.num_rows
-            for batch in range(len(self.parts))
-            for path in self.parts.sample_parts(batch)
-        )
+        """N, from the Parquet footers of the samples (``shard_parts`` read them)."""
+        return self.parts.num_sequences
 
     def _lazy(self, batch: int) -> pl.LazyFrame:
         models = list(dict.fromkeys([self.reference, self.candidate, *self.sampling_models]))
@@ -331,16 +324,16 @@ def paired_frame(
 
 
 def generation_diagnostics(
-    run_dir: Path, sampling_models: Sequence[str], num_samples: int
+    parts: RunParts, sampling_models: Sequence[str], num_samples: int
 ) -> dict[str, Any]:
     """Length and stop statistics of the samples, and the decode-vs-prefill mismatch.
 
     ``max_abs_decode_vs_prefill_logprob_diff`` is the largest |decode-time log-prob -
     teacher-forced log-prob under the model that sampled the token|, in nats. Read a
-    batch of shards at a time (``RunParts``) and added up; prompts are counted shard by
-    shard (a prompt's samples are all in one shard).
+    batch of shards at a time (``parts``, which must list the sampling models' scores)
+    and added up; prompts are counted batch by batch (a prompt's samples are all in one
+    shard).
     """
-    parts = shard_parts(run_dir, sampling_models, sampling_models)
     counts = dict.fromkeys(("num_prompts", "num_sequences", "tokens", "stop", "length"), 0)
     largest_diff: float | None = None
     model = pl.col("sample_idx") // num_samples
@@ -375,6 +368,7 @@ def generation_diagnostics(
             largest_diff = diff if largest_diff is None else max(largest_diff, diff)
         row = (
             samples.select(
+                num_prompts=pl.col("prompt_id").n_unique(),
                 num_sequences=pl.len(),
                 tokens=pl.col("L").sum(),
                 stop=(pl.col("finish_reason") == "stop").sum(),
@@ -385,10 +379,6 @@ def generation_diagnostics(
         )
         for key, value in row.items():
             counts[key] += value
-        counts["num_prompts"] += sum(
-            pc.count_distinct(pq.read_table(part, columns=["prompt_id"])["prompt_id"]).as_py()
-            for part in parts.first_sampler_parts(batch)
-        )
     n = counts["num_sequences"]
     return {
         "num_prompts": counts["num_prompts"],
@@ -595,7 +585,7 @@ def compute_summary(run_dir: Path, config: RunConfig) -> dict[str, Any]:
         "include_eos": entropy.include_eos,
         "reference_model": reference,
         "sampling_models": list(sampling),
-        **generation_diagnostics(run_dir, sampling, num_samples),
+        **generation_diagnostics(parts, sampling, num_samples),
         "uncertainty_estimand": config.uncertainty.estimand,
         "uncertainty_method": uncertainty_method(config),
         "statistics_options": {

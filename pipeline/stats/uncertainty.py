@@ -191,8 +191,8 @@ def stratum_scatter(seqs: Sequences, names: Sequence[str]) -> np.ndarray:
             mean = np.bincount(seqs.stratum, weights=values[:, j], minlength=len(size)) / size
             values[:, j] -= mean[seqs.stratum]
         factor = (size / (size - 1.0))[seqs.stratum]
-        # einsum, not BLAS: a threaded BLAS call on a matrix this small waits tens of
-        # milliseconds for its threads on a busy machine, once per shard.
+        # einsum, not BLAS: on a busy machine a threaded BLAS call on a matrix this
+        # small can wait far longer for its threads than the product takes, per batch.
         return np.einsum("ia,ib->ab", values, values * factor[:, None])
 
 

@@ -153,7 +153,8 @@ class Stabiliser:
     """Maps raw log-weights, by their positions in the run, to stabilised ones.
 
     ``mode`` is the mode applied (``none`` after a failed Pareto fit). Clipping returns
-    min(log w - max, ceiling); PSIS replaces the tail's log-weights, found by position.
+    min(log w - max, ceiling); PSIS replaces the tail's log-weights, found by their
+    positions (``tail_position``, in increasing order, with ``tail_log_w`` beside them).
     """
 
     mode: WeightMode
@@ -177,11 +178,10 @@ class Stabiliser:
             return np.minimum(log_w - self.max, self.ceiling)
         if self.mode == "none":
             return log_w
-        order = np.argsort(self.tail_position)
-        positions = self.tail_position[order]
+        positions = self.tail_position
         low, high = np.searchsorted(positions, [first_position, first_position + len(log_w)])
         out = log_w.copy()
-        out[positions[low:high] - first_position] = self.tail_log_w[order][low:high]
+        out[positions[low:high] - first_position] = self.tail_log_w[low:high]
         return out
 
     def count_clipped(self, log_w: np.ndarray) -> int:
@@ -231,7 +231,11 @@ def fit_stabiliser(
                 "were used; weights.mode=clip bounds them instead."
             )
             return Stabiliser("none", scan.max), diagnostics, warnings
-        tail = Stabiliser("psis", scan.max, tail_position=scan.top_position[1:], tail_log_w=fit[0])
+        # Sorted by position once, so that each shard finds its tail by bisection.
+        order = np.argsort(scan.top_position[1:])
+        tail = Stabiliser(
+            "psis", scan.max, tail_position=scan.top_position[1:][order], tail_log_w=fit[0][order]
+        )
         return tail, diagnostics, warnings
     return Stabiliser("none", scan.max), diagnostics, warnings
 
