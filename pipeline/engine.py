@@ -129,6 +129,12 @@ def load_engine(
     _configure_environment(profile)
     from vllm import LLM
 
+    # vLLM collects the whole heap three times while an engine loads and starts, and
+    # with torch, vLLM and transformers loaded a full collection is slow (docs/design.md
+    # §4). Frozen, the objects that exist now are skipped by those collections; vLLM
+    # unfreezes everything when the engine shuts down.
+    gc.freeze()
+
     options: dict[str, Any] = {}
     if profile.kv_cache_memory_bytes is not None:
         options["kv_cache_memory_bytes"] = profile.kv_cache_memory_bytes
@@ -160,7 +166,9 @@ def load_engine(
 
 
 def shutdown_engine(llm: LLM) -> None:
-    """Stop ``llm``'s engine core and free its memory."""
+    """Stop ``llm``'s engine core and free its memory.
+
+    vLLM's shutdown drops the weights and the KV cache and collects the heap itself
+    (twice), so a collection of ours would only repeat it.
+    """
     llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()

@@ -5,7 +5,8 @@ write the same part files, so a run gives the same bytes on either, and a run be
 on one can be resumed on the other. ``run`` yields each shard as it finishes, so the
 driver's progress and manifest advance live.
 
-* ``local``: one worker (one engine) in this process, shards one after another.
+* ``local``: one worker (one engine) in this process, shards one after another; an
+  engine stays loaded while consecutive stages need the same one.
 * ``ray``: per stage, a Ray Data pipeline whose rows are shard indices, mapped by a
   pool of up to ``execution.replicas`` actors, each holding one engine
   (``map_batches`` with ``batch_size=1`` and an ``ActorPoolStrategy``). Ray restarts
@@ -54,15 +55,30 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """One engine in this process; shards one after another."""
+    """Engines in this process, one at a time; shards one after another.
+
+    A stage that needs the engine the previous stage used (sampling with p0, then
+    scoring under p0) keeps it instead of loading the model again; ``close`` shuts the
+    last one down.
+    """
+
+    def __init__(self) -> None:
+        self._worker: ShardWorker | None = None
 
     def run(self, task: StageTask, shards: Sequence[int]) -> Iterator[ShardDone]:
-        """Load the task's engine, make each shard, shut the engine down."""
-        worker = ShardWorker(task)
-        try:
-            for index in shards:
-                yield worker.make(index)
-        finally:
+        """Make each shard with an engine for the task's model, loaded if need be."""
+        if self._worker is not None and self._worker.task.engine_inputs() == task.engine_inputs():
+            self._worker.task = task
+        else:
+            self.close()
+            self._worker = ShardWorker(task)
+        for index in shards:
+            yield self._worker.make(index)
+
+    def close(self) -> None:
+        """Shut the engine down, if one is loaded."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
             worker.close()
 
     def description(self) -> dict[str, Any]:
@@ -170,7 +186,11 @@ def open_executor(execution: ExecutionConfig) -> Iterator[Executor]:
     used as it is and left running.
     """
     if execution.backend == "local":
-        yield LocalExecutor()
+        local = LocalExecutor()
+        try:
+            yield local
+        finally:
+            local.close()
         return
     try:
         import ray

@@ -80,6 +80,21 @@ class StageTask:
             return f"score/{self.model}"
         return "sample" if self.sampler_index == 0 else f"sample/{self.model}"
 
+    def engine_inputs(self) -> tuple[object, ...]:
+        """What the task's engine is built from (``ShardWorker``).
+
+        Tasks with equal inputs can share one engine, as sampling with a model and then
+        scoring under it do.
+        """
+        return (
+            self.model_path,
+            self.engine,
+            self.max_model_len,
+            self.longest_prompt_tokens,
+            self.sampling.num_samples,
+            self.run_seed,
+        )
+
     def output_path(self, index: int) -> Path:
         """Where shard ``index`` of this stage is written."""
         if self.kind == "score":
@@ -133,7 +148,10 @@ def read_input_part(path: Path, expected: Expected) -> pa.Table:
 
 
 class ShardWorker:
-    """Holds one engine for a stage and makes its shards one after another."""
+    """Holds one engine and makes a stage's shards one after another.
+
+    ``task`` may be replaced by another task with the same ``engine_inputs``.
+    """
 
     def __init__(self, task: StageTask) -> None:
         from pipeline.engine import detect_device, load_engine, resolve_profile
