@@ -30,10 +30,12 @@ from tests.test_resume import assert_same_run
 
 pytestmark = pytest.mark.engine
 
-# 12 prompts in 4 shards of 3, 4 samples each: enough shards for two replicas to share.
+# 12 prompts in 6 shards of 2, 4 samples each: enough shards for two replicas to share,
+# and for a driver killed after its first shard to leave most of them.
+SHARDS = 6
 SMALL = [
     "prompts.limit=12",
-    "shards.prompts_per_shard=3",
+    "shards.prompts_per_shard=2",
     "sampling.num_samples=4",
     "sampling.max_tokens=24",
 ]
@@ -82,31 +84,8 @@ def ray_instance() -> Iterator[ModuleType]:
         ray.shutdown()
 
 
-def test_ray_run_gives_the_bytes_of_the_local_run_when_a_worker_dies(
-    ray_instance: ModuleType, local_run: Path, tmp_path: Path
-) -> None:
-    run_dir = tmp_path / "ray"
-    KILL_MARKER.touch()
-    try:
-        assert _run(run_dir, *RAY) == 0
-        # The hook fired: one actor removed the marker and SIGKILLed itself mid-shard;
-        # Ray restarted it and the shard was made again.
-        assert not KILL_MARKER.exists()
-    finally:
-        KILL_MARKER.unlink(missing_ok=True)
-    assert_same_run(run_dir, local_run, same_config=False)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["executor"]["backend"] == "ray"
-    assert manifest["executor"]["ray"] == ray_instance.__version__
-    assert manifest["executor"]["replicas"] == 2
-    # The shard fingerprints do not depend on the backend: same inputs on both.
-    local = json.loads((local_run / "manifest.json").read_text())
-    assert manifest["inputs"] == local["inputs"]
-
-
-@pytest.mark.usefixtures("ray_instance")
-def test_driver_killed_then_resumed_on_ray(local_run: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "killed-driver"
+def _kill_driver_after_its_first_shard(run_dir: Path) -> None:
+    """Start a local run of SMALL in its own process and SIGKILL it once a sample part exists."""
     command = [
         sys.executable,
         "-m",
@@ -126,12 +105,34 @@ def test_driver_killed_then_resumed_on_ray(local_run: Path, tmp_path: Path) -> N
         while not list((run_dir / "samples").glob("part-*.parquet")):
             assert driver.poll() is None, "the driver ended before its first shard"
             assert time.monotonic() < deadline, "no sample shard after 300 s"
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "running"
-    # Resumed on the other backend: the missing shards are made by Ray actors.
-    assert _run(run_dir, *RAY) == 0
+
+
+def test_killed_driver_resumed_on_ray_gives_the_local_bytes_when_a_worker_dies(
+    ray_instance: ModuleType, local_run: Path, tmp_path: Path
+) -> None:
+    """A run begun locally and killed is finished by Ray actors, one of which dies."""
+    run_dir = tmp_path / "ray"
+    _kill_driver_after_its_first_shard(run_dir)
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
+    made_locally = len(list((run_dir / "samples").glob("part-*.parquet")))
+    assert made_locally < SHARDS, "the kill must land in the middle of sampling"
+    KILL_MARKER.touch()
+    try:
+        assert _run(run_dir, *RAY) == 0
+        # The hook fired: one actor removed the marker and SIGKILLed itself mid-shard;
+        # Ray restarted it and the shard was made again.
+        assert not KILL_MARKER.exists()
+    finally:
+        KILL_MARKER.unlink(missing_ok=True)
     assert_same_run(run_dir, local_run, same_config=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["executor"]["backend"] == "ray"
+    assert manifest["executor"]["ray"] == ray_instance.__version__
+    assert manifest["executor"]["replicas"] == 2
+    # The shard fingerprints do not depend on the backend: same inputs on both.
+    local = json.loads((local_run / "manifest.json").read_text())
+    assert manifest["inputs"] == local["inputs"]

@@ -15,8 +15,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,8 @@ import pytest
 from pipeline.artifacts import SEQUENCE_SCHEMA, SUMMARY_FILES
 from pipeline.lock import LOCK_FILE
 from tests import lock_holder
-from tests.conftest import DEFAULT_CONFIG, ROOT, TINY_P0, TINY_P1, run_cli
+from tests.cli_process import CliProcess
+from tests.conftest import DEFAULT_CONFIG, TINY_P0, TINY_P1, run_cli
 from tests.damage import flip_bit_in_values, rewrite
 
 # 24 prompts in 12 shards of 2, 8 samples each: each shard takes a noticeable moment.
@@ -82,26 +81,12 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def _start(run_dir: Path, *extra: str) -> subprocess.Popen[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "run",
-        "--config",
-        str(DEFAULT_CONFIG),
-        "--out",
-        str(run_dir),
-        *SHARDED,
-        *extra,
-    ]
-    return subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def _start(run_dir: Path, *extra: str) -> CliProcess:
+    return CliProcess("run", "--config", DEFAULT_CONFIG, "--out", run_dir, *SHARDED, *extra)
 
 
 def _wait_for(
-    process: subprocess.Popen[str],
+    process: CliProcess,
     path: Path,
     also: Callable[[], bool] = lambda: True,
     timeout: float = 300,
@@ -119,7 +104,7 @@ def _wait_for(
         time.sleep(0.02)
 
 
-def _stop_when(process: subprocess.Popen[str], path: Path, sig: int) -> str:
+def _stop_when(process: CliProcess, path: Path, sig: int) -> str:
     """Send ``sig`` once ``path`` exists; return what the process wrote to stderr."""
     _wait_for(process, path)
     process.send_signal(sig)
@@ -329,7 +314,7 @@ def test_adding_a_candidate_scores_only_that_candidate(uninterrupted: Path, tmp_
 
 def _start_sampling_with_own_p1(
     tmp_path: Path,
-) -> tuple[Path, Path, subprocess.Popen[str]]:
+) -> tuple[Path, Path, CliProcess]:
     """A run whose candidate is a private copy of p1, once its first shard is sampled."""
     p1_copy = tmp_path / "p1"
     shutil.copytree(TINY_P1, p1_copy)
@@ -431,39 +416,24 @@ def test_two_runs_started_together_on_one_directory(uninterrupted: Path, tmp_pat
     assert_same_run(run_dir, uninterrupted)
 
 
-# Runs the command line with write_summary followed by a SIGKILL: the moment between
-# the summary and the manifest saying complete.
-_KILLED_AFTER_SUMMARY = """
-import os, signal, sys
-import pipeline.run
-from pipeline.cli import main
-
-write_summary = pipeline.run.write_summary
-
-def write_then_die(*args, **kwargs):
-    write_summary(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-pipeline.run.write_summary = write_then_die
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_sigkill_right_after_the_summary_is_written(
     uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     runs = tmp_path / "runs"
     run_dir = runs / "run"
     shutil.copytree(uninterrupted, run_dir)
-    argv = ["run", "--config", str(DEFAULT_CONFIG), "--out", str(run_dir), *SHARDED]
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_AFTER_SUMMARY, *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    # The moment between the summary and the manifest saying complete.
+    killed = CliProcess(
+        "run",
+        "--config",
+        DEFAULT_CONFIG,
+        "--out",
+        run_dir,
+        *SHARDED,
+        die_after="pipeline.run.write_summary",
     )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    _, stderr = killed.communicate(timeout=600)
+    assert killed.returncode == -signal.SIGKILL, stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "running"
     summary = json.loads((run_dir / "summary.json").read_text())
