@@ -15,12 +15,16 @@ $(STAMP): pyproject.toml
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install --quiet --upgrade pip && \
-	$(BIN)/python -m pip install --quiet -e '.[cpu,ray,dev]' && \
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[cpu,ray,dev]' && \
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton && \
+	{ $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true; } && \
 	touch $(STAMP) && \
 	echo "set-up took $$(( $$(date +%s) - start )) s"
 # (torchvision, torchaudio and torchcodec come as CUDA builds that break `import vllm`
-# on a CPU machine; triton is unused there. docs/design.md §4.)
+# on a CPU machine; triton is unused there. docs/design.md §4.) pip byte-compiles the
+# ~28,000 installed modules one file at a time; compileall does it on every core. Its
+# status is ignored: a few packages ship files that are not meant to compile (test
+# data, Python 2 examples), which pip skips silently too.
 
 demo: $(STAMP)
 	@start=$$(date +%s); \
@@ -28,10 +32,11 @@ demo: $(STAMP)
 	echo "demo took $$(( $$(date +%s) - start )) s (environment already set up)"
 
 # Two workers (pytest-xdist): an engine test keeps about one core busy, so two of them
-# run side by side on two cores; a module stays on one worker (--dist loadscope), so its
-# shared runs and its Ray instance are made once.
+# run side by side on two cores. With --dist loadgroup a module's tests stay on one
+# worker (tests/conftest.py puts each test in its module's group), so its shared runs
+# and its Ray instance are made once; test_resume.py splits into two groups.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadscope
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not engine and not slow"

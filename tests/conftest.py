@@ -53,14 +53,23 @@ ENGINE_FIXTURES = frozenset({"demo_run", "demo_summary"})
 ENGINE_LIBRARIES = frozenset({"vllm", "ray"})
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``engine`` every test that drives the real CLI or uses the shared run."""
+    """Mark ``engine`` every test that drives the real CLI or uses the shared run, and
+    put every test without an ``xdist_group`` in its module's group.
+
+    ``make test`` runs two pytest-xdist workers with ``--dist loadgroup``: a group runs
+    on one worker, so a module's shared runs (module fixtures) are made once, unless
+    the module splits its tests into groups of its own (``test_resume.py`` does).
+    """
     for item in items:
         module = getattr(item, "module", None)
         uses_cli = getattr(module, "run_cli", None) is run_cli
         fixtures = set(getattr(item, "fixturenames", ()))
         if uses_cli or fixtures & ENGINE_FIXTURES:
             item.add_marker(pytest.mark.engine)
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 class EngineImportInUnmarkedTest(RuntimeError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +15,14 @@ import tests.conftest as conftest
 class _Item:
     module: types.ModuleType
     fixturenames: tuple[str, ...] = ()
-    marks: list[str] = field(default_factory=list)
+    marks: list[pytest.Mark] = field(default_factory=list)
+    path: Path = Path("tests/test_plain.py")
 
     def add_marker(self, mark: pytest.MarkDecorator) -> None:
-        self.marks.append(mark.name)
+        self.marks.append(mark.mark)
+
+    def get_closest_marker(self, name: str) -> pytest.Mark | None:
+        return next((mark for mark in self.marks if mark.name == name), None)
 
 
 def test_engine_tests_are_marked_by_what_they_use() -> None:
@@ -30,7 +35,22 @@ def test_engine_tests_are_marked_by_what_they_use() -> None:
         _Item(plain, ("tmp_path",)),
     ]
     conftest.pytest_collection_modifyitems(items)
-    assert [item.marks for item in items] == [["engine"], ["engine"], []]
+    assert [[mark.name for mark in item.marks if mark.name == "engine"] for item in items] == [
+        ["engine"],
+        ["engine"],
+        [],
+    ]
+
+
+def test_a_test_runs_in_its_modules_xdist_group_unless_it_names_one() -> None:
+    plain = types.ModuleType("plain")
+    own = _Item(plain, marks=[pytest.mark.xdist_group("own").mark])
+    items = [_Item(plain), own]
+    conftest.pytest_collection_modifyitems(items)
+    assert [[mark.args for mark in item.marks] for item in items] == [
+        [("test_plain.py",)],
+        [("own",)],
+    ]
 
 
 def test_an_unmarked_test_that_imports_vllm_fails_with_its_name() -> None:

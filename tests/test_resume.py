@@ -30,9 +30,13 @@ from tests.cli_process import CliProcess
 from tests.conftest import DEFAULT_CONFIG, TINY_P0, TINY_P1, run_cli
 from tests.damage import flip_bit_in_values, rewrite
 
-# 24 prompts in 12 shards of 2, 8 samples each: each shard takes a noticeable moment.
-SHARDED = ["prompts.limit=24", "shards.prompts_per_shard=2", "sampling.num_samples=8"]
+# 24 prompts in 12 shards of 2, 4 samples each: each shard takes a noticeable moment.
+SHARDED = ["prompts.limit=24", "shards.prompts_per_shard=2", "sampling.num_samples=4"]
 SHARDS = 12
+# The tests that run the command line in a process of their own run on one pytest-xdist
+# worker (one fork server, tests/cli_process.py), the others on the other (`make test`
+# runs --dist loadgroup): each group makes its own uninterrupted run.
+IN_OWN_PROCESS = pytest.mark.xdist_group("test_resume.py:own-process")
 
 
 def _run(run_dir: Path, *extra: str | Path) -> int:
@@ -111,6 +115,7 @@ def _stop_when(process: CliProcess, path: Path, sig: int) -> str:
     return process.communicate(timeout=60)[1]
 
 
+@IN_OWN_PROCESS
 def test_sigkill_during_sampling_then_resume(uninterrupted: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = _start(run_dir)
@@ -127,6 +132,7 @@ def test_sigkill_during_sampling_then_resume(uninterrupted: Path, tmp_path: Path
     assert_same_run(run_dir, uninterrupted)
 
 
+@IN_OWN_PROCESS
 def test_sigkill_during_scoring_then_resume(uninterrupted: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = _start(run_dir)
@@ -141,6 +147,7 @@ def test_sigkill_during_scoring_then_resume(uninterrupted: Path, tmp_path: Path)
     assert_same_run(run_dir, uninterrupted)
 
 
+@IN_OWN_PROCESS
 def test_ctrl_c_stops_cleanly_and_resumes(uninterrupted: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     process = _start(run_dir)
@@ -240,6 +247,7 @@ def test_stats_refuses_a_bad_shard_by_name_and_run_redoes_it(
     assert_same_run(run_dir, uninterrupted)
 
 
+@IN_OWN_PROCESS
 def test_other_inputs_are_refused_and_force_redoes_them(
     uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -324,6 +332,7 @@ def _start_sampling_with_own_p1(
     return p1_copy, run_dir, process
 
 
+@IN_OWN_PROCESS
 def test_model_folder_vanishing_mid_run(uninterrupted: Path, tmp_path: Path) -> None:
     p1_copy, run_dir, process = _start_sampling_with_own_p1(tmp_path)
     shutil.move(p1_copy, tmp_path / "moved-away")
@@ -397,6 +406,7 @@ def test_a_run_directory_in_use_is_refused_at_once_and_left_alone(
     assert_same_run(run_dir, uninterrupted)
 
 
+@IN_OWN_PROCESS
 def test_two_runs_started_together_on_one_directory(uninterrupted: Path, tmp_path: Path) -> None:
     """Two nightly jobs on one --out: one runs, the other is refused naming it."""
     run_dir = tmp_path / "run"
@@ -416,6 +426,7 @@ def test_two_runs_started_together_on_one_directory(uninterrupted: Path, tmp_pat
     assert_same_run(run_dir, uninterrupted)
 
 
+@IN_OWN_PROCESS
 def test_sigkill_right_after_the_summary_is_written(
     uninterrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -472,6 +483,7 @@ def test_run_again_with_other_statistics_options_recomputes_them(
     assert summary["candidates"] == reference["candidates"]
 
 
+@IN_OWN_PROCESS
 def test_a_model_changed_mid_run_stops_it(uninterrupted: Path, tmp_path: Path) -> None:
     """p1's weights replaced by p0's while p0 samples (same size, same modification time)."""
     p1_copy, run_dir, process = _start_sampling_with_own_p1(tmp_path)
