@@ -136,12 +136,15 @@ def versions(libraries: Iterable[str]) -> dict[str, str]:
     return found
 
 
-def pipeline_revision() -> str:
-    """The repository's commit, and whether ``pipeline/`` differs from it (read-only git)."""
+def pipeline_revision(checkout: Path = ROOT) -> str:
+    """A checkout's commit and whether its ``pipeline/`` differs from it (read-only git).
+
+    The checkout is this repository unless another is given.
+    """
 
     def git(*arguments: str) -> str:
         return subprocess.run(
-            ["git", *arguments], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", *arguments], cwd=checkout, capture_output=True, text=True, check=True
         ).stdout.strip()
 
     try:

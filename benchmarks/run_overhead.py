@@ -46,7 +46,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -203,27 +202,6 @@ class Child:
     stderr_tail: str = ""
 
 
-def checkout_revision(path: Path) -> str:
-    """A checkout's commit, and whether its ``pipeline/`` differs from it (read-only git)."""
-    if path == ROOT:
-        return pipeline_revision()
-
-    def git(*arguments: str) -> str:
-        return subprocess.run(
-            ["git", *arguments], cwd=path, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "pipeline")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    changed = len(dirty.splitlines())
-    return f"commit {commit}" + (
-        f", with {changed} uncommitted change(s) under pipeline/" if changed else ", clean"
-    )
-
-
 def checkouts(paths: list[Path]) -> list[Checkout]:
     """The checkouts to compare, named by commit (``.`` is this repository)."""
     found: list[Checkout] = []
@@ -233,7 +211,7 @@ def checkouts(paths: list[Path]) -> list[Checkout]:
             raise SystemExit(f"run_overhead.py: {given} holds no pipeline/ package")
         if not (path / "configs" / "default.yaml").is_file():
             raise SystemExit(f"run_overhead.py: {given} holds no configs/default.yaml")
-        revision = checkout_revision(path)
+        revision = pipeline_revision(path)
         commit = revision.split()[1].rstrip(",") if revision.startswith("commit ") else ""
         name = commit or f"checkout{number}"
         if any(c.name == name for c in found):

@@ -1,9 +1,10 @@
 """The command line in a process of its own, forked from a server that imported it once.
 
 Kill and interrupt tests need the CLI in another process: a SIGKILL must hit the run,
-not the test. A fresh interpreter spends about 20 s importing torch, transformers and
-vLLM before its run begins; a process forked from a ``multiprocessing`` fork server
-that imported them once (per test worker) starts at once. The child runs
+not the test. A fresh interpreter spends longer importing torch, transformers and vLLM
+than a small run takes (``benchmarks/run_overhead.py``: cold against warm runs); a
+process forked from a ``multiprocessing`` fork server that imported them once (per
+test worker) starts at once. The child runs
 ``pipeline.cli.main`` in its main thread with its output sent to files, so signals
 reach the run as they reach ``entropy-pipeline run`` started from a shell (SIGINT
 raises KeyboardInterrupt, SIGKILL ends it), and its exit status is the CLI's.
@@ -14,6 +15,7 @@ The fork server is started with the environment a CPU engine sets
 
 from __future__ import annotations
 
+import functools
 import importlib
 import multiprocessing
 import os
@@ -43,20 +45,19 @@ _PRELOAD = [
     "vllm.model_executor.models.llama",
     "matplotlib.pyplot",
 ]
-_context: list[ForkServerContext] = []
 
 
+@functools.cache
 def _fork_server() -> ForkServerContext:
-    if not _context:
-        from pipeline.config import EngineConfig
-        from pipeline.engine import resolve_profile
+    """The fork server's context; the server itself starts with the first child."""
+    from pipeline.config import EngineConfig
+    from pipeline.engine import resolve_profile
 
-        for key, value in resolve_profile(EngineConfig(), "cpu", 1, 1).environment.items():
-            os.environ.setdefault(key, value)
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(_PRELOAD)
-        _context.append(context)
-    return _context[0]
+    for key, value in resolve_profile(EngineConfig(), "cpu", 1, 1).environment.items():
+        os.environ.setdefault(key, value)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
 
 
 def _main(argv: list[str], output: str, die_after: str | None) -> None:
