@@ -381,7 +381,11 @@ def _todo(task: StageTask, prompt_ids: list[pa.ChunkedArray], also: set[int]) ->
 def _engine_tasks(
     plan: _Plan, run_dir: Path, prompts_record: dict[str, Any], max_model_len: int
 ) -> list[StageTask]:
-    """One sample task per sampling model, then one score task per model (reference first)."""
+    """One sample task per sampling model, then one score task per model.
+
+    Scoring starts under the model that sampled last, whose engine the local executor
+    still holds (``executors.LocalExecutor``); the others follow reference first.
+    """
     config = plan.config
     samplers = tuple(
         (sampler, plan.fingerprint(_sample_stage(config, index)))
@@ -409,7 +413,9 @@ def _engine_tasks(
         )
         for index, (sampler, sampler_fingerprint) in enumerate(samplers)
     ]
-    for name in [config.reference_model, *config.candidates]:
+    last_sampler = samplers[-1][0]
+    scored = sorted([config.reference_model, *config.candidates], key=lambda m: m != last_sampler)
+    for name in scored:
         tasks.append(
             StageTask(
                 kind="score",

@@ -15,6 +15,7 @@ module would blunt it to the submodules loaded later.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -47,6 +48,14 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_summary(demo_run: Path) -> dict:
     return json.loads((demo_run / "summary.json").read_text())
+
+
+def engines_loaded(run_dir: Path) -> list[str]:
+    """The model folders whose vLLM engines a run started, in order (from its run.log)."""
+    started = re.findall(
+        r"Initializing a V1 LLM engine .* model='([^']+)'", (run_dir / "run.log").read_text()
+    )
+    return [Path(path).name for path in started]
 
 
 ENGINE_FIXTURES = frozenset({"demo_run", "demo_summary"})

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.provenance import fingerprint
-from tests.conftest import DEFAULT_CONFIG, TINY_P0, TINY_P1, run_cli
+from tests.conftest import DEFAULT_CONFIG, TINY_P0, TINY_P1, engines_loaded, run_cli
 from tests.reference import reference_summary
 
 # vLLM's CPU kernels and PyTorch's eager ops run the same float32 model with other
@@ -170,6 +170,8 @@ def test_manifest_records_provenance(demo_run: Path, demo_summary: dict) -> None
     metadata = pq.read_schema(demo_run / "samples" / "part-00000.parquet").metadata
     assert metadata[b"fingerprint"].decode() == fingerprint(manifest["inputs"]["sample"])
     assert manifest["inputs"]["score/p1"]["samples"] == [fingerprint(manifest["inputs"]["sample"])]
+    # p0 scores on the engine it sampled with: two engines for three stages.
+    assert engines_loaded(demo_run) == ["tiny-p0", "tiny-p1"]
 
 
 def test_scoring_p0_as_candidate_gives_zero_change(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.conftest import DEFAULT_CONFIG, run_cli
+from tests.conftest import DEFAULT_CONFIG, engines_loaded, run_cli
 
 SMALL = ["prompts.limit=6", "sampling.num_samples=4", "sampling.max_tokens=16"]
 
@@ -59,3 +59,5 @@ def test_every_sampling_model_samples_and_every_model_scores_all(tmp_path: Path)
     assert len(manifest["inputs"]["score/p0"]["samples"]) == 2
     summary = json.loads((mixed / "summary.json").read_text())
     assert summary["num_sequences"] == 2 * 6 * 4
+    # p1 scores on the engine it sampled with; p0's is loaded again after it.
+    assert engines_loaded(mixed) == ["tiny-p0", "tiny-p1", "tiny-p0"]
