@@ -23,6 +23,8 @@ from __future__ import annotations
 import gc
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -165,10 +167,25 @@ def load_engine(
         ) from err
 
 
+@contextmanager
+def _young_collections_only() -> Iterator[None]:
+    """Within: ``gc.collect()`` collects the young generations, never the whole heap."""
+    collect = gc.collect
+    gc.collect = lambda generation=2: collect(min(generation, 1))
+    try:
+        yield
+    finally:
+        gc.collect = collect
+
+
 def shutdown_engine(llm: LLM) -> None:
     """Stop ``llm``'s engine core and free its memory.
 
-    vLLM's shutdown drops the weights and the KV cache and collects the heap itself
-    (twice), so a collection of ours would only repeat it.
+    vLLM's shutdown drops the weights and the KV cache, which reference counting frees at
+    once, then unfreezes the heap and collects all of it twice, each a slow full
+    collection in this process (docs/design.md §4). Here those two collect the young
+    generations only; cyclic garbage in the old one goes with Python's next automatic
+    full collection.
     """
-    llm.llm_engine.engine_core.shutdown()
+    with _young_collections_only():
+        llm.llm_engine.engine_core.shutdown()
